@@ -1,0 +1,25 @@
+"""The operations a worker can run, by name, loaded when first asked for."""
+
+from __future__ import annotations
+
+import importlib
+
+from h2k.operations.base import Operation, OperationContext
+
+_MODULES: dict[str, str] = {
+    "convert": "h2k.operations.convert",
+}
+
+
+def available() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def get(name: str) -> Operation:
+    """The ``run`` function of operation ``name``; KeyError if unknown."""
+    module = importlib.import_module(_MODULES[name])
+    run: Operation = module.run
+    return run
+
+
+__all__ = ["Operation", "OperationContext", "available", "get"]

@@ -1,0 +1,69 @@
+"""The error codes operations put in :class:`h2k.errors.OperationError`.
+
+A failed job records ``{phase, code, message}``; the code is what a client
+branches on, the message is what a person reads. Codes are stable: add new
+ones, never reuse or rename one.
+
+``INVALID_PARAMETERS``
+    A job parameter is missing, of the wrong type or out of range, or two
+    parameters contradict each other (compression with raw output).
+``INVALID_IMAGE``
+    The image cannot be read in its declared format, or is built in a way
+    h2k refuses (a backing file whose format it does not name, a backing
+    chain too deep).
+``FORMAT_MISMATCH``
+    The image is in a different format than the job declares; the message
+    names the format qemu-img found.
+``PATH_NOT_ALLOWED``
+    The image, the output, or a file the image refers to (backing file,
+    VMDK extent, qcow2 data file) lies outside the allowed roots, directly
+    or through ``..`` or a symlink.
+``OUTPUT_EXISTS``
+    The output file exists and the job did not ask to overwrite it.
+``OUTPUT_IS_INPUT``
+    The output path is the image itself or a file the image reads.
+``CONVERSION_FAILED``
+    ``qemu-img convert`` failed; the message carries its last error line.
+``VERIFICATION_FAILED``
+    The output does not hold the same data as the source, or qemu-img check
+    found it corrupt. The output was not kept.
+``CANCELLED``
+    The job was cancelled while a tool ran; the tool was stopped and partial
+    output removed.
+``TIMEOUT``
+    The job ran past its time limit; the tool was stopped and partial output
+    removed.
+``TOOL_FAILED``
+    A tool other than the conversion itself (info, check, compare) failed or
+    could not be started, or a file operation around it failed.
+"""
+
+from __future__ import annotations
+
+INVALID_PARAMETERS = "INVALID_PARAMETERS"
+INVALID_IMAGE = "INVALID_IMAGE"
+FORMAT_MISMATCH = "FORMAT_MISMATCH"
+PATH_NOT_ALLOWED = "PATH_NOT_ALLOWED"
+OUTPUT_EXISTS = "OUTPUT_EXISTS"
+OUTPUT_IS_INPUT = "OUTPUT_IS_INPUT"
+CONVERSION_FAILED = "CONVERSION_FAILED"
+VERIFICATION_FAILED = "VERIFICATION_FAILED"
+CANCELLED = "CANCELLED"
+TIMEOUT = "TIMEOUT"
+TOOL_FAILED = "TOOL_FAILED"
+
+ALL: frozenset[str] = frozenset(
+    {
+        INVALID_PARAMETERS,
+        INVALID_IMAGE,
+        FORMAT_MISMATCH,
+        PATH_NOT_ALLOWED,
+        OUTPUT_EXISTS,
+        OUTPUT_IS_INPUT,
+        CONVERSION_FAILED,
+        VERIFICATION_FAILED,
+        CANCELLED,
+        TIMEOUT,
+        TOOL_FAILED,
+    }
+)

@@ -1,0 +1,454 @@
+"""qemu-img, called the one way h2k trusts it.
+
+Images come from outside, so the format is always named (``-f``, ``-F``,
+``-O``): letting qemu-img guess would let a guest that wrote a qcow2 header
+into its raw disk make us read files the header names. The one exception is
+:func:`probe_format`, whose answer only ever refuses an image or explains a
+refusal, never decides how an image is opened.
+
+An image can make qemu-img read other files: a backing file, VMDK extents, a
+qcow2 external data file. :func:`verify_declared_format` refuses an image
+when any of them lies outside the allowed roots, before anything reads them.
+
+Failures come back as h2k errors: :class:`~h2k.errors.ToolError` (and its
+cancelled / timed out kinds) from :func:`~h2k.tools.process.run_tool`, and
+:class:`~h2k.errors.InvalidInput` where the image or a parameter is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from h2k.errors import InvalidInput, ToolError
+from h2k.paths import resolve_inside
+from h2k.tools.process import run_tool
+
+log = logging.getLogger(__name__)
+
+QEMU_IMG = "qemu-img"
+
+# Wire format name (what a job spec says) -> qemu block driver.
+QEMU_FORMATS: dict[str, str] = {
+    "vmdk": "vmdk",
+    "vhd": "vpc",
+    "vhdx": "vhdx",
+    "vdi": "vdi",
+    "qcow2": "qcow2",
+    "raw": "raw",
+}
+WIRE_FORMATS: dict[str, str] = {driver: wire for wire, driver in QEMU_FORMATS.items()}
+
+# Metadata commands read headers only; a minute means something is wrong.
+INFO_TIMEOUT_SECONDS = 60.0
+# A backing chain deeper than this is refused rather than walked.
+MAX_CHAIN_DEPTH = 16
+
+# qemu-img check exit statuses (qemu-img(1)).
+CHECK_CLEAN = 0
+CHECK_CORRUPTED = 2
+CHECK_LEAKED = 3
+CHECK_UNSUPPORTED = 63
+# qemu-img compare exit statuses.
+COMPARE_IDENTICAL = 0
+COMPARE_DIFFERENT = 1
+
+_PROGRESS = re.compile(r"\(\s*(\d+(?:\.\d+)?)/100%\)")
+_VERSION = re.compile(r"version\s+(\d[^\s,()]*)")
+# "json:{...}" or "nbd://host": names qemu opens through a protocol, which
+# no path check can vouch for.
+_PROTOCOL = re.compile(r"^(json:|[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+class FormatMismatch(InvalidInput):
+    """The image is not in the format its job declares.
+
+    ``detected`` is the wire name qemu-img finds (or its driver name when h2k
+    has no wire name for it), or None when qemu-img recognises nothing.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        fields: dict[str, list[str]],
+        declared: str,
+        detected: str | None,
+    ):
+        super().__init__(message, fields)
+        self.declared = declared
+        self.detected = detected
+
+
+class ReferenceOutsideRoots(InvalidInput):
+    """The image refers to a file (backing, extent, data file) outside the roots."""
+
+
+def driver_for(fmt: str, field: str) -> str:
+    """The qemu driver of wire format ``fmt``, or InvalidInput naming ``field``."""
+    try:
+        return QEMU_FORMATS[fmt]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(QEMU_FORMATS))
+        message = f"{field} is {fmt!r}; expected one of {known}"
+        raise InvalidInput(message, {field: [message]}) from None
+
+
+def _json_output(result_stdout: str, args: list[str]) -> Any:
+    try:
+        return json.loads(result_stdout)
+    except json.JSONDecodeError as exc:
+        raise ToolError(
+            QEMU_IMG, args, 0, f"output is not JSON: {result_stdout[:200]!r}"
+        ) from exc
+
+
+def version() -> str:
+    """The qemu-img version, e.g. ``7.2.22``."""
+    args = [QEMU_IMG, "--version"]
+    result = run_tool(args, timeout=INFO_TIMEOUT_SECONDS)
+    match = _VERSION.search(result.stdout)
+    if match is None:
+        raise ToolError(
+            QEMU_IMG, args, result.returncode, f"no version in {result.stdout!r}"
+        )
+    return match.group(1)
+
+
+def info(path: str, fmt: str) -> dict[str, Any]:
+    """``qemu-img info`` of ``path`` opened as wire format ``fmt``.
+
+    ``-U`` lets the header be read while another process holds the image;
+    info never opens the backing file.
+    """
+    driver = driver_for(fmt, "image.format")
+    args = [QEMU_IMG, "info", "-f", driver, "--output=json", "-U", path]
+    result = run_tool(args, timeout=INFO_TIMEOUT_SECONDS)
+    details = _json_output(result.stdout, args)
+    if not isinstance(details, dict):
+        raise ToolError(QEMU_IMG, args, 0, f"unexpected info output: {details!r}")
+    return details
+
+
+def _probe_driver(path: str) -> str | None:
+    """The qemu driver qemu-img guesses for ``path``, None if it cannot open it."""
+    args = [QEMU_IMG, "info", "--output=json", "-U", path]
+    try:
+        result = run_tool(args, timeout=INFO_TIMEOUT_SECONDS)
+        details = _json_output(result.stdout, args)
+    except ToolError as exc:
+        log.info("qemu-img cannot probe %s: %s", path, exc)
+        return None
+    driver = details.get("format") if isinstance(details, dict) else None
+    return driver if isinstance(driver, str) else None
+
+
+def probe_format(path: str) -> str | None:
+    """The wire format qemu-img detects in ``path``, None if none it knows.
+
+    Only for explaining or refusing: never open an image with this answer.
+    """
+    driver = _probe_driver(path)
+    return WIRE_FORMATS.get(driver) if driver else None
+
+
+def _sibling(field: str, name: str) -> str:
+    """``image.format`` -> ``image.path``: where errors about a path belong."""
+    head, dot, _ = field.rpartition(".")
+    return f"{head}{dot}{name}"
+
+
+def _mismatch(
+    path: str, declared: str, driver: str | None, field: str, note: str = ""
+) -> FormatMismatch | None:
+    """The error for an image qemu-img sees as ``driver``, if not ``declared``."""
+    if driver is None or driver == QEMU_FORMATS[declared]:
+        return None
+    detected = WIRE_FORMATS.get(driver, driver)
+    if detected == "raw":
+        message = (
+            f"{field} says {declared} but qemu-img finds no {declared} header in "
+            f"{path}; it looks like a raw disk"
+        )
+    elif detected in QEMU_FORMATS:
+        message = (
+            f"{field} says {declared} but {path} is a {detected} image; "
+            f'set {field} to "{detected}" if that is the disk to convert'
+        )
+    else:
+        message = (
+            f"{field} says {declared} but {path} is a {detected} image, "
+            "a format h2k does not convert"
+        )
+    message += note
+    return FormatMismatch(message, {field: [message]}, declared, detected)
+
+
+def verify_declared_format(
+    path: str,
+    declared: str,
+    allowed_roots: Iterable[str],
+    field: str = "image.format",
+) -> dict[str, Any]:
+    """Check that ``path`` opens as ``declared`` and return its info.
+
+    Opening with the declared format comes first; only when that fails is
+    the format probed, to tell the person what the file really is. A raw
+    driver opens anything, so a raw declaration is also refused when qemu-img
+    recognises a structured format: reading a qcow2 file as raw would
+    convert the container, not the disk. Every file the image refers to must
+    lie inside ``allowed_roots``.
+    """
+    roots = tuple(allowed_roots)
+    path = os.path.abspath(path)
+    driver = driver_for(declared, field)
+    try:
+        details = info(path, declared)
+    except ToolError as exc:
+        mismatch = _mismatch(path, declared, _probe_driver(path), field)
+        if mismatch is not None:
+            raise mismatch from exc
+        message = f"{path} is not a readable {declared} image: {exc.stderr}"
+        raise InvalidInput(message, {field: [message]}) from exc
+    if driver == "raw":
+        note = " (h2k does not read a structured image as raw)"
+        mismatch = _mismatch(path, declared, _probe_driver(path), field, note)
+        if mismatch is not None:
+            raise mismatch
+    _walk_references(path, details, roots, field, depth=0)
+    return details
+
+
+def _resolve_reference(base: str, name: str) -> str:
+    return os.path.join(os.path.dirname(base), name)
+
+
+def _referenced(path: str, details: dict[str, Any]) -> list[tuple[str, str]]:
+    """(kind, file) for every file besides the backing one that ``path`` reads."""
+    found: list[tuple[str, str]] = []
+    data = (details.get("format-specific") or {}).get("data") or {}
+    for extent in data.get("extents") or ():
+        name = extent.get("filename")
+        if name:
+            found.append(("VMDK extent", _resolve_reference(path, name)))
+    if data.get("data-file"):
+        found.append(("data file", _resolve_reference(path, data["data-file"])))
+    return found
+
+
+def _walk_references(
+    path: str,
+    details: dict[str, Any],
+    roots: tuple[str, ...],
+    field: str,
+    depth: int,
+) -> list[str]:
+    """Check every file ``path`` reads lies in ``roots``; return them all.
+
+    The backing chain is walked one level at a time, each backing file
+    checked before qemu-img is asked to open it.
+    """
+    path_field = _sibling(field, "path")
+    files = [path]
+    for kind, name in _referenced(path, details):
+        files.append(_inside(name, roots, path_field, f"the {kind} of {path}"))
+
+    backing = details.get("full-backing-filename") or details.get("backing-filename")
+    if not backing:
+        return files
+    if depth >= MAX_CHAIN_DEPTH:
+        message = f"{path} has a backing chain deeper than {MAX_CHAIN_DEPTH}"
+        raise InvalidInput(message, {path_field: [message]})
+    if _PROTOCOL.match(backing):
+        message = f"{path} names its backing file as {backing!r}, not a file path"
+        raise ReferenceOutsideRoots(message, {path_field: [message]})
+    backing = _inside(
+        _resolve_reference(path, backing),
+        roots,
+        path_field,
+        f"the backing file of {path}",
+    )
+    backing_driver = details.get("backing-filename-format")
+    backing_fmt = WIRE_FORMATS.get(backing_driver) if backing_driver else None
+    if backing_fmt is None:
+        message = (
+            f"{path} does not name a supported format for its backing file "
+            f"{backing} ({backing_driver or 'none given'}); qemu-img would have "
+            "to guess it. Set one with qemu-img rebase -u -F"
+        )
+        raise InvalidInput(message, {path_field: [message]})
+    try:
+        backing_details = info(backing, backing_fmt)
+    except ToolError as exc:
+        message = f"the backing file of {path}, {backing}, cannot be read: {exc.stderr}"
+        raise InvalidInput(message, {path_field: [message]}) from exc
+    return files + _walk_references(backing, backing_details, roots, field, depth + 1)
+
+
+def _inside(name: str, roots: tuple[str, ...], field: str, what: str) -> str:
+    try:
+        return resolve_inside(name, roots, field)
+    except InvalidInput as exc:
+        message = f"{what} is {name}, outside the allowed roots ({':'.join(roots)})"
+        raise ReferenceOutsideRoots(message, {field: [message]}) from exc
+
+
+def image_files(
+    path: str,
+    fmt: str,
+    allowed_roots: Iterable[str],
+    field: str = "image.format",
+) -> list[str]:
+    """Every file qemu-img reads to present ``path``, resolved.
+
+    The image itself, its extents and data file, and its whole backing
+    chain: an output must not replace any of them. Raises like
+    :func:`verify_declared_format` when one lies outside the roots.
+    """
+    path = os.path.abspath(path)
+    details = info(path, fmt)
+    files = _walk_references(path, details, tuple(allowed_roots), field, depth=0)
+    # A sparse VMDK lists itself as its extent; name each file once.
+    return list(dict.fromkeys(files))
+
+
+def parse_progress(line: str) -> float | None:
+    """The percentage in a ``qemu-img -p`` line such as ``    (12.34/100%)``."""
+    match = _PROGRESS.search(line)
+    if match is None:
+        return None
+    return min(100.0, float(match.group(1)))
+
+
+def convert(
+    src: str,
+    src_fmt: str,
+    dst: str,
+    dst_fmt: str,
+    *,
+    compress: bool = False,
+    rate_limit: int | None = None,
+    on_progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Convert ``src`` into a new image ``dst``.
+
+    ``rate_limit`` caps the copy at that many bytes per second. qemu-img
+    counts progress when it reads a chunk, and with its default eight
+    parallel workers a rate-limited copy reads everything at once and shows
+    100% while the writes still wait; one worker keeps the reported progress
+    at most one chunk ahead of the data written.
+    """
+    src_driver = driver_for(src_fmt, "image.format")
+    dst_driver = driver_for(dst_fmt, "parameters.output_format")
+    args = [QEMU_IMG, "convert", "-p", "-f", src_driver, "-O", dst_driver]
+    if compress:
+        if dst_driver != "qcow2":
+            message = f"compression needs qcow2 output, not {dst_fmt}"
+            raise InvalidInput(message, {"parameters.compress": [message]})
+        args.append("-c")
+    if rate_limit is not None:
+        if isinstance(rate_limit, bool) or not isinstance(rate_limit, int):
+            message = "rate limit must be a whole number of bytes per second"
+            raise InvalidInput(message, {"parameters.rate_limit_bytes": [message]})
+        if rate_limit <= 0:
+            message = "rate limit must be a positive number of bytes per second"
+            raise InvalidInput(message, {"parameters.rate_limit_bytes": [message]})
+        args += ["-r", str(rate_limit), "-m", "1"]
+    args += [src, dst]
+
+    def on_line(line: str) -> None:
+        percent = parse_progress(line)
+        if percent is not None and on_progress is not None:
+            on_progress(percent)
+
+    log.info("converting %s (%s) to %s (%s)", src, src_fmt, dst, dst_fmt)
+    run_tool(args, on_line=on_line, should_stop=should_stop, timeout=timeout)
+
+
+def check(
+    path: str,
+    fmt: str,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """``qemu-img check`` of ``path``: corruptions and leaked clusters.
+
+    Formats qemu-img cannot check (raw, vhd) come back with ``supported``
+    false and ``clean`` None: not checked is not the same as clean.
+    """
+    driver = driver_for(fmt, "image.format")
+    args = [QEMU_IMG, "check", "--output=json", "-f", driver, path]
+    result = run_tool(args, should_stop=should_stop, timeout=timeout, check=False)
+    if result.returncode == CHECK_UNSUPPORTED:
+        return {
+            "supported": False,
+            "clean": None,
+            "corruptions": None,
+            "leaks": None,
+            "message": f"qemu-img check does not support the {fmt} format",
+        }
+    if result.returncode not in (CHECK_CLEAN, CHECK_CORRUPTED, CHECK_LEAKED):
+        raise ToolError(
+            QEMU_IMG, args, result.returncode, result.stderr or result.stdout
+        )
+    report = _json_output(result.stdout, args)
+    corruptions = int(report.get("corruptions", 0))
+    leaks = int(report.get("leaks", 0))
+    check_errors = int(report.get("check-errors", 0))
+    clean = corruptions == 0 and leaks == 0 and check_errors == 0
+    if clean:
+        message = "no corruptions, no leaked clusters"
+    else:
+        message = (
+            f"{corruptions} corruptions, {leaks} leaked clusters, "
+            f"{check_errors} check errors"
+        )
+    return {
+        "supported": True,
+        "clean": clean,
+        "corruptions": corruptions,
+        "leaks": leaks,
+        "check_errors": check_errors,
+        "message": message,
+    }
+
+
+def compare(
+    a: str,
+    a_fmt: str,
+    b: str,
+    b_fmt: str,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Whether ``a`` and ``b`` hold the same guest data.
+
+    Not strict: areas one image leaves unallocated compare equal to zeros in
+    the other, since a conversion may allocate differently. An image larger
+    than the other compares equal only if its extra part reads as zeros.
+    """
+    args = [
+        QEMU_IMG,
+        "compare",
+        "-f",
+        driver_for(a_fmt, "image.format"),
+        "-F",
+        driver_for(b_fmt, "parameters.output_format"),
+        a,
+        b,
+    ]
+    result = run_tool(args, should_stop=should_stop, timeout=timeout, check=False)
+    message = (result.stdout.strip() or result.stderr.strip()).splitlines()
+    last = message[-1] if message else ""
+    if result.returncode == COMPARE_IDENTICAL:
+        return {"identical": True, "message": last or "Images are identical."}
+    if result.returncode == COMPARE_DIFFERENT:
+        return {"identical": False, "message": last}
+    raise ToolError(QEMU_IMG, args, result.returncode, result.stderr or result.stdout)
