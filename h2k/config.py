@@ -1,14 +1,14 @@
 """Configuration read from the environment, once, into one object.
 
-| variable | meaning | default |
-|---|---|---|
-| ``REDIS_URL`` | state, events, and the default broker and result backend | ``redis://127.0.0.1:6379/0`` |
-| ``CELERY_BROKER_URL`` | broker override (RabbitMQ, another Redis) | ``REDIS_URL`` |
-| ``CELERY_RESULT_BACKEND`` | result backend override | ``REDIS_URL`` |
-| ``H2K_ALLOWED_ROOTS`` | colon-separated directories images and outputs may lie in | none: every path refused |
-| ``H2K_EVENTS_MAXLEN`` | events kept per job (a capped stream) | 10000 |
-| ``H2K_WORKER_STALE_SECONDS`` | heartbeat age after which a worker is stale | 300 |
-| ``H2K_REQUIRE_FORMAT_CHECK`` | check the declared format with qemu-img at submission | ``true`` |
+- ``REDIS_URL``: state, events, and the default broker and result backend
+  (default ``redis://127.0.0.1:6379/0``).
+- ``CELERY_BROKER_URL``, ``CELERY_RESULT_BACKEND``: overrides of the above.
+- ``H2K_ALLOWED_ROOTS``: colon-separated directories images and outputs may
+  lie in; none set refuses every path.
+- ``H2K_EVENTS_MAXLEN``: events kept per job (default 10000).
+- ``H2K_WORKER_STALE_SECONDS``: heartbeat age of a stale worker (default 300).
+- ``H2K_REQUIRE_FORMAT_CHECK``: check the declared format with qemu-img at
+  submission (default true).
 """
 
 from __future__ import annotations

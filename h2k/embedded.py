@@ -45,12 +45,18 @@ def start_redis(
     port = port or free_port()
     args = [
         redis_server_binary(),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", data_dir,
-        "--save", "",
-        "--appendonly", "yes" if persist else "no",
-        "--daemonize", "no",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        data_dir,
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if persist else "no",
+        "--daemonize",
+        "no",
     ]
     log_path = os.path.join(data_dir, "redis.log")
     with open(log_path, "ab") as log_file:

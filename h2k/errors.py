@@ -30,6 +30,9 @@ class InvalidInput(H2KError):
         self.message = message
         self.fields = fields or {}
 
+    def __reduce__(self) -> Any:
+        return (type(self), (self.message, self.fields))
+
 
 class NotFound(H2KError):
     """The job or worker named does not exist."""
@@ -58,11 +61,15 @@ class ToolError(H2KError):
         stderr: str = "",
     ):
         self.tool = tool
-        self.args = args
+        self.argv = list(args)
         self.returncode = returncode
         self.stderr = stderr.strip()
         detail = self.stderr.splitlines()[-1] if self.stderr else "no output"
         super().__init__(f"{tool} exited with status {returncode}: {detail}")
+
+    def __reduce__(self) -> Any:
+        # Celery pickles exceptions between processes; keep every field.
+        return (type(self), (self.tool, self.argv, self.returncode, self.stderr))
 
 
 class ToolCancelled(ToolError):
@@ -96,6 +103,9 @@ class OperationError(H2KError):
         self.retryable = retryable
         self.details = details or {}
 
+    def __reduce__(self) -> Any:
+        return (_rebuild_operation_error, (type(self), self.as_dict(), self.retryable))
+
     def as_dict(self) -> dict[str, Any]:
         error: dict[str, Any] = {
             "phase": self.phase,
@@ -105,3 +115,15 @@ class OperationError(H2KError):
         if self.details:
             error["details"] = self.details
         return error
+
+
+def _rebuild_operation_error(
+    kind: type[OperationError], error: dict[str, Any], retryable: bool
+) -> OperationError:
+    return kind(
+        error["phase"],
+        error["code"],
+        error["message"],
+        retryable=retryable,
+        details=error.get("details"),
+    )

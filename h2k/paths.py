@@ -21,7 +21,9 @@ def parse_roots(value: str | None) -> tuple[str, ...]:
 
 def is_within(path: str, roots: Iterable[str]) -> bool:
     real = os.path.realpath(path)
-    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
+    return any(
+        real == root or real.startswith(root.rstrip("/") + "/") for root in roots
+    )
 
 
 def resolve_inside(path: str, roots: Iterable[str], field: str) -> str:

@@ -223,7 +223,9 @@ class JobListSchema(Schema):
     jobs = fields.List(fields.Nested(JobSummarySchema))
     next_cursor = fields.String(
         allow_none=True,
-        metadata={"description": "Pass as ?cursor= for the next page; null at the end."},
+        metadata={
+            "description": "Pass as ?cursor= for the next page; null at the end."
+        },
     )
 
 

@@ -38,8 +38,10 @@ def flatten_messages(messages: Any, prefix: str = "") -> dict[str, list[str]]:
     if isinstance(messages, dict):
         flat: dict[str, list[str]] = {}
         for key, value in messages.items():
-            name = f"{prefix}.{key}" if prefix and key != "_schema" else (
-                prefix or str(key)
+            name = (
+                f"{prefix}.{key}"
+                if prefix and key != "_schema"
+                else (prefix or str(key))
             )
             if key == "_schema" and not prefix:
                 name = "body"
@@ -72,7 +74,9 @@ def load_spec(payload: Any) -> dict[str, Any]:
         spec: dict[str, Any] = JobSpecSchema().load(payload)
     except ValidationError as exc:
         fields = flatten_messages(exc.messages)
-        raise InvalidInput(f"Invalid job spec: {describe_fields(fields)}", fields) from exc
+        raise InvalidInput(
+            f"Invalid job spec: {describe_fields(fields)}", fields
+        ) from exc
     return spec
 
 
@@ -140,7 +144,9 @@ class JobService:
             if queue_now and job["state"] == JobState.VALIDATED:
                 return replace(self.queue(job["job_id"]), created=False)
             return Submission(
-                job, False, f"Job already exists ({job['state']})",
+                job,
+                False,
+                f"Job already exists ({job['state']})",
                 self.store.queue_position(job["job_id"], job["queue"]),
             )
         log.info("job %s stored for queue %s", job["job_id"], queue)

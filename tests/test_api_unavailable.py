@@ -28,15 +28,21 @@ def _app(settings: Settings):  # type: ignore[no-untyped-def]
 
 def test_redis_down_answers_503(settings, image):  # type: ignore[no-untyped-def]
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    client = _app(dataclasses.replace(settings, redis_url=dead, broker_url=dead)).test_client()
+    client = _app(
+        dataclasses.replace(settings, redis_url=dead, broker_url=dead)
+    ).test_client()
     for response in (
         client.get("/health"),
         client.get("/jobs"),
         client.get("/jobs/x"),
         client.get("/metrics"),
-        client.post("/jobs", json={
-            "operation": "convert", "image": {"path": image, "format": "vmdk"},
-        }),
+        client.post(
+            "/jobs",
+            json={
+                "operation": "convert",
+                "image": {"path": image, "format": "vmdk"},
+            },
+        ),
     ):
         assert response.status_code == 503, response.get_data(as_text=True)
         error = response.get_json()["error"]
@@ -48,8 +54,11 @@ def test_broker_down_keeps_the_job_validated(settings, image, client):  # type: 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     down = _app(dataclasses.replace(settings, broker_url=dead)).test_client()
     job_id = f"broker-{uuid.uuid4().hex[:8]}"
-    body = {"job_id": job_id, "operation": "convert",
-            "image": {"path": image, "format": "vmdk"}}
+    body = {
+        "job_id": job_id,
+        "operation": "convert",
+        "image": {"path": image, "format": "vmdk"},
+    }
 
     response = down.post("/jobs", json=body)
     assert response.status_code == 503
@@ -57,7 +66,10 @@ def test_broker_down_keeps_the_job_validated(settings, image, client):  # type: 
     job = client.get(f"/jobs/{job_id}").get_json()
     assert job["state"] == "VALIDATED"
     assert [h["state"] for h in job["state_history"]] == [
-        "CREATED", "VALIDATED", "QUEUED", "VALIDATED"
+        "CREATED",
+        "VALIDATED",
+        "QUEUED",
+        "VALIDATED",
     ]
     assert "broker unreachable" in job["state_history"][-1]["reason"]
 

@@ -36,8 +36,11 @@ def register_worker(registration: dict[str, Any]) -> Any:
 def heartbeat(worker_id: str) -> Any:
     """Record that a worker is alive"""
     timestamp = services().workers.heartbeat(worker_id)
-    return {"worker_id": worker_id, "message": "Heartbeat received",
-            "timestamp": timestamp}
+    return {
+        "worker_id": worker_id,
+        "message": "Heartbeat received",
+        "timestamp": timestamp,
+    }
 
 
 @blp.route("/workers")

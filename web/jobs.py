@@ -36,12 +36,21 @@ class Jobs(MethodView):
     @blp.arguments(schemas.SubmitQuerySchema, location="query")
     @blp.arguments(schemas.JobSpecSchema)
     @blp.response(201, schemas.JobSubmitResponseSchema)
-    @blp.alt_response(200, schema=schemas.JobSubmitResponseSchema,
-                      description="The same job was submitted before")
-    @blp.alt_response(409, schema=schemas.ErrorEnvelopeSchema,
-                      description="The job id exists with a different spec")
-    @blp.alt_response(503, schema=schemas.ErrorEnvelopeSchema,
-                      description="Redis or the broker is unreachable")
+    @blp.alt_response(
+        200,
+        schema=schemas.JobSubmitResponseSchema,
+        description="The same job was submitted before",
+    )
+    @blp.alt_response(
+        409,
+        schema=schemas.ErrorEnvelopeSchema,
+        description="The job id exists with a different spec",
+    )
+    @blp.alt_response(
+        503,
+        schema=schemas.ErrorEnvelopeSchema,
+        description="Redis or the broker is unreachable",
+    )
     def post(self, query: dict[str, Any], spec: dict[str, Any]) -> Any:
         """Submit a migration job"""
         h2k = services()
@@ -82,8 +91,11 @@ class Job(MethodView):
         }
 
     @blp.response(200, schemas.CancelResponseSchema)
-    @blp.alt_response(400, schema=schemas.ErrorEnvelopeSchema,
-                      description="The job has already finished")
+    @blp.alt_response(
+        400,
+        schema=schemas.ErrorEnvelopeSchema,
+        description="The job has already finished",
+    )
     @blp.alt_response(404, schema=schemas.ErrorEnvelopeSchema)
     def delete(self, job_id: str) -> Any:
         """Cancel a queued or running job"""
@@ -128,6 +140,3 @@ def job_events(query: dict[str, Any], job_id: str) -> Any:
 def job_event_stream(query: dict[str, Any], job_id: str) -> Any:
     """Stream a job's events live (Server-Sent Events)"""
     return sse.job_stream(job_id)
-
-
-

@@ -20,8 +20,9 @@ blp = Blueprint("monitoring", __name__, description="Health and metrics")
 
 @blp.route("/health")
 @blp.response(200, schemas.HealthSchema)
-@blp.alt_response(503, schema=schemas.ErrorEnvelopeSchema,
-                  description="Redis is unreachable")
+@blp.alt_response(
+    503, schema=schemas.ErrorEnvelopeSchema, description="Redis is unreachable"
+)
 def health() -> Any:
     """Health for load balancers: Redis reachable, workers and active jobs"""
     h2k_services = services()

@@ -84,9 +84,7 @@ def choose_queues(sender: str, instance: Any, **_: Any) -> None:
         system_info={
             **_system_info(),
             "queues": chosen,
-            "tool_versions": {
-                r.name: r.version for r in reports.values() if r.version
-            },
+            "tool_versions": {r.name: r.version for r in reports.values() if r.version},
         },
         execution_mode=os.environ.get("H2K_EXECUTION_MODE", "HOST"),
     )

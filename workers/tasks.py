@@ -55,7 +55,11 @@ class JobTask(Task):
         except OperationError as exc:
             policy = spec["execution_policy"]
             retries = self.request.retries
-            if exc.retryable and policy["idempotent"] and retries < policy["retry_count"]:
+            if (
+                exc.retryable
+                and policy["idempotent"]
+                and retries < policy["retry_count"]
+            ):
                 countdown = RETRY_BACKOFF[min(retries, len(RETRY_BACKOFF) - 1)]
                 raise self.retry(
                     exc=exc, countdown=countdown, max_retries=policy["retry_count"]

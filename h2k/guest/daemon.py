@@ -33,7 +33,8 @@ def _limit_child() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _wait_gone(record: dict[str, object], grace: float) -> bool:
+def wait_gone(record: dict[str, object], grace: float) -> bool:
+    """Whether the recorded process exits (or is gone) within ``grace`` seconds."""
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if not procinfo.matches(record):
@@ -42,7 +43,9 @@ def _wait_gone(record: dict[str, object], grace: float) -> bool:
     return not procinfo.matches(record)
 
 
-def stop_recorded(record: dict[str, object], grace: float = TERMINATE_GRACE_SECONDS) -> None:
+def stop_recorded(
+    record: dict[str, object], grace: float = TERMINATE_GRACE_SECONDS
+) -> None:
     """Stop the process ``record`` names, if it is still that process.
 
     SIGTERM first so that qemu-nbd flushes and nbdfuse unmounts, SIGKILL
@@ -58,7 +61,7 @@ def stop_recorded(record: dict[str, object], grace: float = TERMINATE_GRACE_SECO
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        if _wait_gone(record, grace):
+        if wait_gone(record, grace):
             return
     log.warning("process %s did not exit after SIGKILL", pid)
 
@@ -138,7 +141,9 @@ class Daemon:
             if ready():
                 return
             if should_stop is not None and should_stop():
-                raise ToolCancelled(self.tool, self.argv, None, "stopped: job cancelled")
+                raise ToolCancelled(
+                    self.tool, self.argv, None, "stopped: job cancelled"
+                )
             if time.monotonic() > deadline:
                 raise ToolTimeout(
                     self.tool, self.argv, None, f"not ready after {timeout}s"

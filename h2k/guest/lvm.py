@@ -2,8 +2,8 @@
 
 Activating a logical volume needs device-mapper; reading its metadata does
 not. The LVM tools run here with ``--driverloaded n`` (never talk to
-device-mapper), ``--devices`` naming only the loop devices over the guest's
-physical volumes (the host's own volume groups stay invisible, and guest
+device-mapper), a device filter naming only the loop devices over the
+guest's physical volumes (the host's own volume groups stay invisible, and guest
 names that clash with the host's do no harm), a private ``LVM_SYSTEM_DIR``
 (no host lvm.conf, no backup or archive files) and no hints, udev or D-Bus.
 From the reports a linear logical volume becomes a byte range of the raw
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,19 +25,20 @@ from h2k.guest.volume import Volume
 from h2k.tools.process import ToolResult, run_tool
 
 TIMEOUT_SECONDS = 120.0
-CONFIG = (
-    "devices{use_devicesfile=0 hints=\"none\" obtain_device_list_from_udev=0 "
-    "scan_lvs=0} "
+DEVICE_SETTINGS = (
+    'use_devicesfile=0 hints="none" obtain_device_list_from_udev=0 scan_lvs=0'
+)
+OTHER_SETTINGS = (
     "global{notify_dbus=0 use_lvmpolld=0} "
     "activation{udev_sync=0 udev_rules=0 monitoring=0} "
     "backup{backup=0 archive=0}"
 )
 PV_FIELDS = "pv_name,pv_uuid,vg_name,vg_uuid,pe_start,vg_extent_size,pv_size"
 LV_FIELDS = (
-    "vg_name,lv_name,lv_uuid,lv_size,segtype,seg_start,seg_size,stripes,"
-    "seg_pe_ranges"
+    "vg_name,lv_name,lv_uuid,lv_size,segtype,seg_start,seg_size,stripes,seg_pe_ranges"
 )
 UNKNOWN_DEVICE = "[unknown]"
+_LOOP_DEVICE = re.compile(r"^/dev/loop\d+$")
 
 
 @dataclass(frozen=True)
@@ -92,17 +94,21 @@ def lvm_env(system_dir: str) -> dict[str, str]:
 def lvm_argv(
     command: str, devices: Sequence[str], *args: str, read_only: bool = True
 ) -> list[str]:
-    """An LVM command that sees only ``devices`` and never uses device-mapper."""
-    argv = [
-        command,
-        "--devices",
-        ",".join(devices),
-        "--driverloaded",
-        "n",
-        "--nolocking",
-        "--config",
-        CONFIG,
-    ]
+    """An LVM command that sees only ``devices`` and never uses device-mapper.
+
+    The devices are named in a filter rather than with ``--devices``, which
+    pvck of LVM 2.03.16 refuses ("device is not in devices list").
+    """
+    for device in devices:
+        if not _LOOP_DEVICE.match(device):
+            raise ValueError(f"not a loop device: {device!r}")
+    accepted = ", ".join(f'"a|^{device}$|"' for device in devices)
+    device_filter = f'[{accepted}, "r|.*|"]' if devices else '["r|.*|"]'
+    config = (
+        f"devices{{{DEVICE_SETTINGS} filter={device_filter} "
+        f"global_filter={device_filter}}} {OTHER_SETTINGS}"
+    )
+    argv = [command, "--driverloaded", "n", "--nolocking", "--config", config]
     if read_only:
         argv.append("--readonly")
     return argv + list(args)

@@ -131,8 +131,8 @@ def _plan(ctx: OperationContext) -> _Plan:
     policy = spec.get("execution_policy") or {}
 
     image_path = image.get("path")
-    if not isinstance(image_path, str) or not image_path:
-        raise _invalid_parameter("image.path", "image.path is required")
+    if not isinstance(image_path, str) or not os.path.isabs(image_path):
+        raise _invalid_parameter("image.path", "image.path must be an absolute path")
     source_format = image.get("format")
     if source_format not in qemu_img.QEMU_FORMATS:
         known = ", ".join(sorted(qemu_img.QEMU_FORMATS))
@@ -234,7 +234,7 @@ def _output_path(
             os.path.dirname(os.path.normpath(image_path)),
             stem + OUTPUT_SUFFIXES[output_format],
         )
-    elif isinstance(requested, str) and requested:
+    elif isinstance(requested, str) and os.path.isabs(requested):
         candidate = requested
     else:
         raise _invalid_parameter(field, f"{field} must be an absolute path")
@@ -298,7 +298,9 @@ def _remaining(plan: _Plan, phase: str) -> float | None:
         return None
     left = plan.deadline - time.monotonic()
     if left <= 0:
-        raise _fail(phase, codes.TIMEOUT, "the job ran past its time limit")
+        raise _fail(
+            phase, codes.TIMEOUT, "the job ran past its time limit", retryable=True
+        )
     return left
 
 
@@ -317,11 +319,10 @@ def _tool_failure(phase: str, code: str, what: str, exc: ToolError) -> Operation
             f"{what} was stopped at the job's time limit",
             retryable=True,
         )
-    last = exc.stderr.splitlines()[-1] if exc.stderr else "no error message"
     return _fail(
         phase,
         code,
-        f"{what} failed (exit status {exc.returncode}): {last}",
+        f"{what} failed (exit status {exc.returncode}): {qemu_img.last_line(exc)}",
         retryable=True,
     )
 

@@ -29,7 +29,16 @@ from h2k.states import TERMINAL, TRANSITIONS, JobState
 from h2k.store.connection import PREFIX, load_script, redis_errors
 
 DURATION_BUCKETS: tuple[float, ...] = (
-    30, 60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400,
+    30,
+    60,
+    300,
+    600,
+    1800,
+    3600,
+    7200,
+    14400,
+    28800,
+    86400,
 )
 
 
@@ -218,8 +227,9 @@ class JobStore:
             page = ids[:limit]
             pipe = self.redis.pipeline(transaction=False)
             for job_id, _ in page:
-                pipe.hmget(self._key(job_id), "state", "created_at", "operation",
-                           "priority")
+                pipe.hmget(
+                    self._key(job_id), "state", "created_at", "operation", "priority"
+                )
             rows = pipe.execute()
         jobs = [
             {
@@ -249,9 +259,7 @@ class JobStore:
             for queue in queues:
                 pipe.zrange(f"{PREFIX}queued:{queue}", 0, count - 1, withscores=True)
             rows = pipe.execute()
-        candidates = sorted(
-            (score, job_id) for row in rows for job_id, score in row
-        )
+        candidates = sorted((score, job_id) for row in rows for job_id, score in row)
         return [job_id for _, job_id in candidates[:count]]
 
     def queue_status(self, queues: tuple[str, ...]) -> dict[str, Any]:

@@ -57,7 +57,9 @@ class MigrationMetrics(Collector):
         for operation, hist in zip(OPERATIONS, histograms, strict=True):
             if not hist:
                 continue
-            buckets = [(str(float(b)), float(hist.get(str(b), 0))) for b in DURATION_BUCKETS]
+            buckets = [
+                (str(float(b)), float(hist.get(str(b), 0))) for b in DURATION_BUCKETS
+            ]
             buckets.append(("+Inf", float(hist.get("+Inf", 0))))
             duration.add_metric([operation], buckets, float(hist.get("sum", 0)))
         yield duration

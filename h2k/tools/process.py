@@ -49,13 +49,20 @@ def _limit_child() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _stop_group(pgid: int, grace: float = TERMINATE_GRACE_SECONDS) -> None:
+def _stop_group(
+    pgid: int,
+    grace: float = TERMINATE_GRACE_SECONDS,
+    leader: subprocess.Popen[bytes] | None = None,
+) -> None:
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        if leader is not None:
+            # Reap the leader, or its zombie keeps the group alive.
+            leader.poll()
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -161,7 +168,7 @@ def run_tool(
     finally:
         selector.close()
         if proc.poll() is None or stopped_for is not None:
-            _stop_group(pgid)
+            _stop_group(pgid, leader=proc)
             proc.wait()
         else:
             # The leader is gone; stop anything it left in its group.

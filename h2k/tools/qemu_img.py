@@ -82,6 +82,12 @@ class FormatMismatch(InvalidInput):
         self.declared = declared
         self.detected = detected
 
+    def __reduce__(self) -> Any:
+        return (
+            type(self),
+            (self.message, self.fields, self.declared, self.detected),
+        )
+
 
 class ReferenceOutsideRoots(InvalidInput):
     """The image refers to a file (backing, extent, data file) outside the roots."""
@@ -95,6 +101,12 @@ def driver_for(fmt: str, field: str) -> str:
         known = ", ".join(sorted(QEMU_FORMATS))
         message = f"{field} is {fmt!r}; expected one of {known}"
         raise InvalidInput(message, {field: [message]}) from None
+
+
+def last_line(exc: ToolError) -> str:
+    """The line of a tool's error output that says what went wrong."""
+    lines = exc.stderr.splitlines()
+    return lines[-1] if lines else f"exit status {exc.returncode}, no message"
 
 
 def _json_output(result_stdout: str, args: list[str]) -> Any:
@@ -211,7 +223,7 @@ def verify_declared_format(
         mismatch = _mismatch(path, declared, _probe_driver(path), field)
         if mismatch is not None:
             raise mismatch from exc
-        message = f"{path} is not a readable {declared} image: {exc.stderr}"
+        message = f"{path} is not a readable {declared} image: {last_line(exc)}"
         raise InvalidInput(message, {field: [message]}) from exc
     if driver == "raw":
         note = " (h2k does not read a structured image as raw)"
@@ -283,7 +295,9 @@ def _walk_references(
     try:
         backing_details = info(backing, backing_fmt)
     except ToolError as exc:
-        message = f"the backing file of {path}, {backing}, cannot be read: {exc.stderr}"
+        message = (
+            f"the backing file of {path}, {backing}, cannot be read: {last_line(exc)}"
+        )
         raise InvalidInput(message, {path_field: [message]}) from exc
     return files + _walk_references(backing, backing_details, roots, field, depth + 1)
 
@@ -308,7 +322,7 @@ def image_files(
     chain: an output must not replace any of them. Raises like
     :func:`verify_declared_format` when one lies outside the roots.
     """
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     details = info(path, fmt)
     files = _walk_references(path, details, tuple(allowed_roots), field, depth=0)
     # A sparse VMDK lists itself as its extent; name each file once.
@@ -337,11 +351,11 @@ def convert(
 ) -> None:
     """Convert ``src`` into a new image ``dst``.
 
-    ``rate_limit`` caps the copy at that many bytes per second. qemu-img
-    counts progress when it reads a chunk, and with its default eight
-    parallel workers a rate-limited copy reads everything at once and shows
-    100% while the writes still wait; one worker keeps the reported progress
-    at most one chunk ahead of the data written.
+    ``rate_limit`` caps the copy at that many bytes per second. qemu-img's
+    progress runs ahead of a rate-limited copy: with its default eight
+    parallel requests it shows 100% almost at once and then waits out the
+    limit, so a rate-limited copy runs one request at a time, which keeps
+    the progress within a couple of chunks of the data written.
     """
     src_driver = driver_for(src_fmt, "image.format")
     dst_driver = driver_for(dst_fmt, "parameters.output_format")
@@ -391,6 +405,7 @@ def check(
             "clean": None,
             "corruptions": None,
             "leaks": None,
+            "check_errors": None,
             "message": f"qemu-img check does not support the {fmt} format",
         }
     if result.returncode not in (CHECK_CLEAN, CHECK_CORRUPTED, CHECK_LEAKED):

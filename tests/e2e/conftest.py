@@ -1,0 +1,55 @@
+"""Fixtures for end-to-end tests: the API on a real HTTP server, real workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from h2k.embedded import free_port
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+
+
+@pytest.fixture(scope="session")
+def api_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def worker(worker_factory, redis_url):  # type: ignore[no-untyped-def]
+    import redis
+
+    process = worker_factory("convert-1")
+    process.wait_registered(redis.Redis.from_url(redis_url))
+    return process
+
+
+def wait_for(
+    api_url: str,
+    job_id: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 120,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = requests.get(f"{api_url}/jobs/{job_id}", timeout=10).json()
+        if predicate(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never got there; last seen: {job}")
+
+
+def wait_terminal(api_url: str, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    return wait_for(api_url, job_id, lambda j: j["state"] in TERMINAL, timeout)
