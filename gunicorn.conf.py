@@ -21,7 +21,7 @@ accesslog = "-"
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_flask_exporter.multiprocess import (
-            GunicornInternalPrometheusMetrics,
+            GunicornPrometheusMetrics,
         )
 
-        GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
+        GunicornPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)

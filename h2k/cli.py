@@ -65,6 +65,13 @@ def _spawn(
     )
 
 
+def _signal_group(child: subprocess.Popen[bytes], signum: int) -> None:
+    try:
+        os.killpg(child.pid, signum)
+    except ProcessLookupError:
+        return
+
+
 @main.command()
 @click.option("--port", default=8000, show_default=True, help="API port.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="API address.")
@@ -78,9 +85,15 @@ def _spawn(
 @click.option(
     "--concurrency", default=1, show_default=True, help="Jobs each worker runs at once."
 )
-@click.option("--flower", "with_flower", is_flag=True, help="Start Flower on :5555.")
+@click.option("--flower", "with_flower", is_flag=True, help="Start Flower too.")
+@click.option("--flower-port", default=5555, show_default=True, help="Flower port.")
 def up(
-    port: int, host: str, data_dir: str, concurrency: int, with_flower: bool
+    port: int,
+    host: str,
+    data_dir: str,
+    concurrency: int,
+    with_flower: bool,
+    flower_port: int,
 ) -> None:
     """Run Redis, the API and one worker per capability queue on this host."""
     from h2k.detect import available, detect_capabilities
@@ -114,72 +127,36 @@ def up(
             "(run 'h2k detect')"
         )
     config = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
-    children.append(
+    celery = [sys.executable, "-m", "celery", "-A", "workers"]
+    commands = [
         (
             "api",
-            _spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "-c",
-                    str(config),
-                    "--bind",
-                    f"{host}:{port}",
-                    "web:create_app()",
-                ],
-                env,
-                logs / "api.log",
-            ),
+            [sys.executable, "-m", "gunicorn", "-c", str(config)]
+            + ["--bind", f"{host}:{port}", "web:create_app()"],
         )
-    )
+    ]
     for queue in queues:
-        children.append(
+        commands.append(
             (
-                f"worker {queue}",
-                _spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "workers",
-                        "worker",
-                        "-Q",
-                        queue,
-                        "-n",
-                        f"{queue}@%h",
-                        "-c",
-                        str(concurrency),
-                        "--loglevel",
-                        "INFO",
-                    ],
-                    env,
-                    logs / f"worker-{queue}.log",
-                ),
+                f"worker-{queue}",
+                celery
+                + ["worker", "-Q", queue, "-n", f"{queue}@%h"]
+                + ["-c", str(concurrency), "--loglevel", "INFO"],
             )
         )
     if with_flower:
-        children.append(
+        commands.append(
             (
                 "flower",
-                _spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "workers",
-                        "flower",
-                        "--port=5555",
-                    ],
-                    env,
-                    logs / "flower.log",
-                ),
+                celery + ["flower", f"--port={flower_port}", f"--address={host}"],
             )
         )
+    for name, args in commands:
+        children.append((name, _spawn(args, env, logs / f"{name}.log")))
 
     console.print(f"API at [bold]http://{host}:{port}[/] (docs at /docs)")
+    if with_flower:
+        console.print(f"Flower at [bold]http://{host}:{flower_port}[/]")
     console.print(f"workers for queues: {', '.join(queues)}; logs in {logs}")
     console.print("Ctrl-C stops everything")
     stopping = False
@@ -201,10 +178,14 @@ def up(
             time.sleep(0.5)
     finally:
         for _, child in reversed(children):
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
+            _signal_group(child, signal.SIGTERM)
         for _, child in reversed(children):
             try:
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+                _signal_group(child, signal.SIGKILL)
+                child.wait()
+
+
+if __name__ == "__main__":
+    main()

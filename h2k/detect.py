@@ -89,12 +89,14 @@ def _sha256(path: str) -> str:
 class _Probe:
     """One detection run: a scratch directory, a deadline, a teardown stack."""
 
-    def __init__(self, scratch: str, deadline: float, stack: ExitStack):
+    def __init__(
+        self, scratch: str, socket_dir: str, deadline: float, stack: ExitStack
+    ):
         self.scratch = scratch
         self.deadline = deadline
         self.stack = stack
         self.raw = os.path.join(scratch, "disk.raw")
-        self.socket = os.path.join(scratch, "nbd.sock")
+        self.socket = os.path.join(socket_dir, "nbd.sock")
         self.fuse_raw: str | None = None
         self.token = secrets.token_hex(8)
         self.ext4_error: str | None = None
@@ -315,13 +317,21 @@ def _device_mapper_present() -> bool:
         return False
 
 
-def _optional_devices() -> str:
-    nbd_present = os.path.exists("/dev/nbd0")
-    dm_present = _device_mapper_present()
-    return (
-        f"kernel nbd devices {'present' if nbd_present else 'absent'} (not needed); "
-        f"device-mapper {'present' if dm_present else 'absent'} (not needed)"
-    )
+def _notes() -> dict[str, str]:
+    """What each capability did without, for the reports of those that work."""
+    nbd = "present" if os.path.exists("/dev/nbd0") else "absent"
+    dm = "present" if _device_mapper_present() else "absent"
+    return {
+        QEMU_IMG: "",
+        NBD_ACCESS: f"user-space NBD and FUSE; kernel nbd devices {nbd}, not needed",
+        MOUNT_OPERATIONS: (
+            f"loop devices over the FUSE view; kernel nbd devices {nbd}, not needed"
+        ),
+        LVM_TOOLS: (
+            f"metadata read and written with device-mapper off; device-mapper "
+            f"{dm}, not needed (logical volumes are never activated)"
+        ),
+    }
 
 
 def _run(name: str, step: Callable[[], str], detail: str) -> CapabilityReport:
@@ -346,25 +356,39 @@ def detect_capabilities(
     ``timeout`` bounds the whole run.
     """
     deadline = time.monotonic() + timeout
-    scratch = tempfile.mkdtemp(prefix="h2k-detect-", dir=workdir)
-    optional = _optional_devices()
+    notes = _notes()
+    try:
+        scratch = tempfile.mkdtemp(prefix="h2k-detect-", dir=workdir)
+    except OSError as exc:
+        detail = f"no scratch directory: {exc}"
+        return {name: CapabilityReport(name, False, None, detail) for name in ORDER}
+    socket_dir = scratch
     reports: dict[str, CapabilityReport] = {}
     try:
+        if len(os.path.join(scratch, "nbd.sock").encode()) > nbd.MAX_SOCKET_PATH:
+            # Too deep for a Unix socket path.
+            socket_dir = tempfile.mkdtemp(prefix="h2k-detect-nbd-", dir="/tmp")
         with ExitStack() as stack:
-            probe = _Probe(scratch, deadline, stack)
+            probe = _Probe(scratch, socket_dir, deadline, stack)
             probe.prepare()
-            reports[QEMU_IMG] = _run(QEMU_IMG, probe.qemu_img, "")
-            reports[NBD_ACCESS] = _run(NBD_ACCESS, probe.nbd_access, optional)
-            reports[MOUNT_OPERATIONS] = _run(
-                MOUNT_OPERATIONS, probe.mount_operations, optional
-            )
-            reports[LVM_TOOLS] = _run(LVM_TOOLS, probe.lvm_tools, optional)
+            for name, step in (
+                (QEMU_IMG, probe.qemu_img),
+                (NBD_ACCESS, probe.nbd_access),
+                (MOUNT_OPERATIONS, probe.mount_operations),
+                (LVM_TOOLS, probe.lvm_tools),
+            ):
+                reports[name] = _run(name, step, notes[name])
+    except (OSError, _Unavailable) as exc:
+        detail = f"cannot prepare the scratch image: {exc}"
+        for name in ORDER:
+            reports.setdefault(name, CapabilityReport(name, False, None, detail))
     finally:
-        try:
-            release.sweep(scratch)
-        except (H2KError, OSError) as exc:
-            log.error("detection left %s behind: %s", scratch, exc)
-    return {name: reports[name] for name in ORDER if name in reports}
+        for directory in {scratch, socket_dir}:
+            try:
+                release.sweep(directory)
+            except (H2KError, OSError) as exc:
+                log.error("detection left %s behind: %s", directory, exc)
+    return {name: reports[name] for name in ORDER}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

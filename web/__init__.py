@@ -40,10 +40,10 @@ class H2KApi(Api):
 def _http_metrics(app: Flask) -> Any:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_flask_exporter.multiprocess import (
-            GunicornInternalPrometheusMetrics,
+            GunicornPrometheusMetrics,
         )
 
-        return GunicornInternalPrometheusMetrics(app, path=None)
+        return GunicornPrometheusMetrics(app)
     from prometheus_flask_exporter import PrometheusMetrics
 
     return PrometheusMetrics(app, path=None, registry=CollectorRegistry())

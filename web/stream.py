@@ -61,6 +61,9 @@ class JobEventsBlueprint(ServerSentEventsBlueprint):
         last_id = resume_point(
             request.headers.get("Last-Event-ID") or request.args.get("since")
         )
+        keepalive = current_app.config.get(
+            "H2K_SSE_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS
+        )
         subscription = h2k.hub.subscribe(job_id)
 
         def events() -> Iterator[str]:
@@ -82,7 +85,7 @@ class JobEventsBlueprint(ServerSentEventsBlueprint):
                             yield _complete(state)
                             return
                         catch_up = False
-                    message = subscription.get(timeout=KEEPALIVE_SECONDS)
+                    message = subscription.get(timeout=keepalive)
                     if message is None or message is RESYNC:
                         # Quiet or reconnected: look at the stream itself.
                         if message is None:

@@ -27,6 +27,9 @@ Error codes (``OperationError.code``):
 
 ``UNSUPPORTED_FORMAT``
     The format is not one h2k opens (raw, qcow2, vmdk, vpc, vhdx, vdi).
+``SETUP_FAILED``
+    The session's ledger or private directory could not be created (state
+    or work directory not writable, disk full).
 ``IMAGE_OPEN_FAILED``
     The image is missing, or qemu-nbd or nbdfuse could not serve it; the
     details carry the tool's last output.

@@ -7,6 +7,7 @@ operations that use the layer pass them on unchanged.
 from __future__ import annotations
 
 UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
+SETUP_FAILED = "SETUP_FAILED"
 IMAGE_OPEN_FAILED = "IMAGE_OPEN_FAILED"
 IMAGE_LOCKED = "IMAGE_LOCKED"
 NO_PARTITIONS = "NO_PARTITIONS"
@@ -20,6 +21,7 @@ TEARDOWN_FAILED = "TEARDOWN_FAILED"
 ALL: frozenset[str] = frozenset(
     {
         UNSUPPORTED_FORMAT,
+        SETUP_FAILED,
         IMAGE_OPEN_FAILED,
         IMAGE_LOCKED,
         NO_PARTITIONS,

@@ -15,8 +15,10 @@ import os
 import resource
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from h2k.errors import ToolCancelled, ToolError, ToolTimeout
 from h2k.guest import procinfo
@@ -27,13 +29,19 @@ TERMINATE_GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.05
 LOG_TAIL_BYTES = 4096
 
+# Servers whose session could not stop them (its teardown stopped at a busy
+# resource) stay referenced here, so that once crash recovery ends them they
+# are reaped rather than left as zombies of the worker.
+_left_behind: list[Daemon] = []
+_left_behind_lock = threading.Lock()
+
 
 def _limit_child() -> None:
     # No core dumps of servers that hold guest data.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def wait_gone(record: dict[str, object], grace: float) -> bool:
+def wait_gone(record: Mapping[str, Any], grace: float) -> bool:
     """Whether the recorded process exits (or is gone) within ``grace`` seconds."""
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
@@ -44,13 +52,14 @@ def wait_gone(record: dict[str, object], grace: float) -> bool:
 
 
 def stop_recorded(
-    record: dict[str, object], grace: float = TERMINATE_GRACE_SECONDS
+    record: Mapping[str, Any], grace: float = TERMINATE_GRACE_SECONDS
 ) -> None:
     """Stop the process ``record`` names, if it is still that process.
 
     SIGTERM first so that qemu-nbd flushes and nbdfuse unmounts, SIGKILL
     after ``grace`` seconds. A pid that now belongs to another process is
-    left alone.
+    left alone; one that survives SIGKILL (stuck in the kernel) raises
+    :class:`ToolError`.
     """
     if not procinfo.matches(record):
         log.debug("process %s is gone or is another process now", record.get("pid"))
@@ -63,7 +72,25 @@ def stop_recorded(
             return
         if wait_gone(record, grace):
             return
-    log.warning("process %s did not exit after SIGKILL", pid)
+    argv = [str(a) for a in record.get("argv") or []]
+    raise ToolError(
+        os.path.basename(argv[0]) if argv else str(pid),
+        argv,
+        None,
+        f"process {pid} did not exit after SIGKILL",
+    )
+
+
+def leave_behind(server: Daemon) -> None:
+    """Keep ``server`` to be reaped later; its ledger record will stop it."""
+    with _left_behind_lock:
+        _left_behind.append(server)
+
+
+def reap_left_behind() -> None:
+    """Reap the servers left behind that have exited since."""
+    with _left_behind_lock:
+        _left_behind[:] = [s for s in _left_behind if s.returncode is None]
 
 
 class Daemon:
@@ -75,6 +102,7 @@ class Daemon:
         self.log_path = log_path
         env = dict(os.environ)
         env.setdefault("LC_ALL", "C")
+        reap_left_behind()
         log.debug("starting %s", self.argv)
         with open(log_path, "ab") as log_file:
             try:
@@ -96,7 +124,7 @@ class Daemon:
         identity = procinfo.identify(self.pid)
         self.start = identity.start if identity is not None else 0
 
-    def record(self) -> dict[str, object]:
+    def record(self) -> dict[str, Any]:
         return {"pid": self.pid, "start": self.start, "argv": list(self.argv)}
 
     def running(self) -> bool:

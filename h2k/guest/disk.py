@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from h2k.errors import H2KError, OperationError, ToolCancelled, ToolError, ToolTimeout
-from h2k.guest import codes, fstypes, loop, lvm, mounts, nbd, release
+from h2k.guest import codes, daemon, fstypes, loop, lvm, mounts, nbd, release
+from h2k.guest.daemon import Daemon
 from h2k.guest.ledger import Ledger, state_dir_or_default
 from h2k.guest.lvm import LogicalVolume, PhysicalVolume
 from h2k.guest.partitions import Partition, PartitionTable, read_partition_table
@@ -40,6 +41,9 @@ RAW_NAME = "disk.raw"
 LVM_MEMBER = "LVM2_member"
 FUSE_EXIT_SECONDS = 5.0
 
+# How qemu says another process holds the image's lock.
+_LOCKED_SIGNS = ('" lock', "Is another process using the image")
+
 MountTarget = Filesystem | Volume | Partition | LogicalVolume
 
 
@@ -50,6 +54,7 @@ class _Held:
     entry_id: int
     record: dict[str, Any]
     release: Callable[[], None]
+    server: Daemon | None = None
 
 
 class GuestDisk:
@@ -135,9 +140,14 @@ class GuestDisk:
     def _error(self, code: str, message: str, **kwargs: Any) -> OperationError:
         return OperationError(self._phase, code, message, **kwargs)
 
-    def _hold(self, record: dict[str, Any], release_fn: Callable[[], None]) -> _Held:
+    def _hold(
+        self,
+        record: dict[str, Any],
+        release_fn: Callable[[], None],
+        server: Daemon | None = None,
+    ) -> _Held:
         assert self._ledger is not None
-        held = _Held(self._ledger.add(record), record, release_fn)
+        held = _Held(self._ledger.add(record), record, release_fn, server)
         self._held.append(held)
         return held
 
@@ -157,6 +167,32 @@ class GuestDisk:
             )
         if not os.path.exists(self.image):
             raise self._error(codes.IMAGE_OPEN_FAILED, f"{self.image} does not exist")
+        try:
+            self._prepare()
+            socket_path = self._socket_path()
+        except OSError as exc:
+            raise self._error(
+                codes.SETUP_FAILED,
+                f"cannot set up the guest disk session: {exc}",
+                details={"state_dir": self._state_dir, "directory": self.directory},
+            ) from exc
+        self.nbd_uri = nbd.nbd_uri(socket_path)
+        try:
+            self._serve(socket_path)
+            self._expose(socket_path)
+        except (ToolCancelled, ToolTimeout):
+            raise
+        except ToolError as exc:
+            locked = any(sign in exc.stderr for sign in _LOCKED_SIGNS)
+            raise self._error(
+                codes.IMAGE_LOCKED if locked else codes.IMAGE_OPEN_FAILED,
+                f"cannot open {self.image} as {self.format}: {exc}",
+                retryable=locked,
+                details={"tool": exc.tool, "stderr": exc.stderr[-2000:]},
+            ) from exc
+
+    def _prepare(self) -> None:
+        """The ledger, then the private directory it records first."""
         self._ledger = Ledger(
             self._state_dir,
             self.session_id,
@@ -170,24 +206,8 @@ class GuestDisk:
         directory = self.directory
         self._hold({"kind": "dir", "path": directory}, lambda: release.sweep(directory))
         os.mkdir(directory, 0o700)
-        os.mkdir(os.path.join(directory, "fuse"), 0o700)
-        os.mkdir(os.path.join(directory, "lvm"), 0o700)
-        os.mkdir(os.path.join(directory, "mnt"), 0o700)
-        socket_path = self._socket_path()
-        self.nbd_uri = nbd.nbd_uri(socket_path)
-        try:
-            self._serve(socket_path)
-            self._expose(socket_path)
-        except (ToolCancelled, ToolTimeout):
-            raise
-        except ToolError as exc:
-            locked = "lock" in exc.stderr.lower()
-            raise self._error(
-                codes.IMAGE_LOCKED if locked else codes.IMAGE_OPEN_FAILED,
-                f"cannot open {self.image} as {self.format}: {exc}",
-                retryable=locked,
-                details={"tool": exc.tool, "stderr": exc.stderr[-2000:]},
-            ) from exc
+        for name in ("fuse", "lvm", "mnt"):
+            os.mkdir(os.path.join(directory, name), 0o700)
 
     def _socket_path(self) -> str:
         socket_path = os.path.join(self.directory, "nbd.sock")
@@ -210,6 +230,7 @@ class GuestDisk:
         self._hold(
             {"kind": "process", "role": "qemu-nbd", "process": server.record()},
             server.stop,
+            server,
         )
         self.size = nbd.wait_served(
             server,
@@ -239,6 +260,7 @@ class GuestDisk:
         self._hold(
             {"kind": "fuse", "mountpoint": mountpoint, "process": view.record()},
             unexpose,
+            view,
         )
         nbd.wait_exposed(
             view,
@@ -249,30 +271,46 @@ class GuestDisk:
         )
 
     def _close(self, *, raising: bool) -> None:
-        """Tear down everything still held, last first, going on past failures."""
+        """Tear down everything still held, last first.
+
+        Each resource rests on the ones set up before it, so the first one
+        that cannot be released stops the teardown: what is left stays in
+        the ledger, unlocked, for :func:`h2k.guest.cleanup_stale`.
+        """
         if self._closed:
             return
         self._closed = True
-        failures = []
-        for held in reversed(list(self._held)):
+        failure = self._release_from(list(self._held))
+        for entry in self._held:
+            if entry.server is not None:
+                daemon.leave_behind(entry.server)
+        if self._ledger is not None:
+            self._ledger.close(keep=failure is not None)
+        if failure is not None and raising:
+            raise failure
+
+    def _release_from(self, held: Sequence[_Held]) -> OperationError | None:
+        """Release ``held`` last first; the error that stopped it, if one did."""
+        for entry in reversed(held):
             try:
-                self._let_go(held)
+                self._let_go(entry)
             except (H2KError, OSError) as exc:
                 log.error(
                     "guest session %s: cannot release %s: %s",
                     self.session_id,
-                    held.record,
+                    entry.record,
                     exc,
                 )
-                failures.append(f"{held.record.get('kind')}: {exc}")
-        if self._ledger is not None:
-            self._ledger.close(keep=bool(failures))
-        if failures and raising:
-            raise self._error(
-                codes.TEARDOWN_FAILED,
-                f"could not tear down the guest disk session: {'; '.join(failures)}",
-                details={"ledger": self._ledger.path if self._ledger else None},
-            )
+                return self._error(
+                    codes.TEARDOWN_FAILED,
+                    f"could not release the {entry.record.get('kind')} "
+                    f"of guest session {self.session_id}: {exc}",
+                    details={
+                        "resource": entry.record,
+                        "ledger": self._ledger.path if self._ledger else None,
+                    },
+                )
+        return None
 
     # Reading the disk.
 
@@ -326,15 +364,19 @@ class GuestDisk:
                 device, entry = self._attach(volume, read_only=True)
                 held.append(entry)
                 loops[device] = volume
-            return lvm.read_lvm(
+            found = lvm.read_lvm(
                 loops,
                 system_dir=os.path.join(self.directory, "lvm"),
                 should_stop=self._should_stop,
                 timeout=self._timeout,
             )
-        finally:
-            for entry in reversed(held):
-                self._let_go(entry)
+        except BaseException:
+            self._release_from(held)
+            raise
+        failure = self._release_from(held)
+        if failure is not None:
+            raise failure
+        return found
 
     def physical_volumes(self) -> list[PhysicalVolume]:
         """The LVM physical volumes on this disk, with their volume group."""
@@ -475,18 +517,9 @@ class GuestDisk:
             )
             yield mountpoint
         except BaseException:
-            self._let_go_quietly(held)
+            # The original error wins; the session's teardown tries again.
+            self._release_from(held)
             raise
-        self._let_go_all(held)
-
-    def _let_go_quietly(self, held: Sequence[_Held]) -> None:
-        for entry in reversed(held):
-            try:
-                self._let_go(entry)
-            except (H2KError, OSError) as exc:
-                # The session's own teardown tries again.
-                log.error("cannot release %s: %s", entry.record, exc)
-
-    def _let_go_all(self, held: Sequence[_Held]) -> None:
-        for entry in reversed(held):
-            self._let_go(entry)
+        failure = self._release_from(held)
+        if failure is not None:
+            raise failure

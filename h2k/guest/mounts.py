@@ -2,10 +2,10 @@
 
 Every unmount first asks /proc/self/mounts whether the target is still
 mounted, so teardown can run twice, or after a crash, without failing on
-what already went. When a normal unmount keeps failing because something
-holds the filesystem, a lazy unmount detaches it from the tree so that the
-rest of the teardown can go on; the kernel finishes it when the last user
-lets go.
+what already went. A filesystem that stays busy is not unmounted lazily:
+whatever lies beneath it (loop device, FUSE file, qemu-nbd) would be taken
+away while something still writes through it, so the unmount fails and the
+teardown stops there, recorded for a later :func:`h2k.guest.cleanup_stale`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from h2k.tools.process import run_tool
 log = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 120.0
-UNMOUNT_ATTEMPTS = 5
-UNMOUNT_RETRY_SECONDS = 0.2
+UNMOUNT_ATTEMPTS = 6
+UNMOUNT_RETRY_SECONDS = 0.25
 FUSE_TYPES = ("fuse", "fuseblk")
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
@@ -100,35 +100,30 @@ def mount(
     run_tool(argv, should_stop=should_stop, timeout=timeout)
 
 
-def _retrying(argv: list[str], lazy: list[str], target: str, timeout: float) -> None:
+def _retrying(argv: list[str], target: str, timeout: float) -> None:
     last: ToolError | None = None
     for _ in range(UNMOUNT_ATTEMPTS):
         if mounted_at(target) is None:
             return
         try:
             run_tool(argv, timeout=timeout)
+            log.debug("unmounted %s", target)
             return
         except ToolError as exc:
+            log.debug("unmounting %s failed, retrying: %s", target, exc)
             last = exc
             time.sleep(UNMOUNT_RETRY_SECONDS)
-    if mounted_at(target) is None:
-        return
-    log.warning("%s stays busy (%s); unmounting lazily", target, last)
-    run_tool(lazy, timeout=timeout)
+    if mounted_at(target) is not None and last is not None:
+        raise last
 
 
 def unmount(target: str, timeout: float = TIMEOUT_SECONDS) -> None:
-    """Unmount ``target`` if it is mounted; lazily when it stays busy."""
+    """Unmount ``target`` if it is mounted; a busy one fails after retries."""
     target = os.path.abspath(target)
-    _retrying(["umount", target], ["umount", "--lazy", target], target, timeout)
+    _retrying(["umount", target], target, timeout)
 
 
 def unmount_fuse(mountpoint: str, timeout: float = TIMEOUT_SECONDS) -> None:
     """Unmount a FUSE mount; its server then flushes and exits by itself."""
     mountpoint = os.path.abspath(mountpoint)
-    _retrying(
-        ["fusermount3", "-u", mountpoint],
-        ["fusermount3", "-u", "-z", mountpoint],
-        mountpoint,
-        timeout,
-    )
+    _retrying(["fusermount3", "-u", mountpoint], mountpoint, timeout)

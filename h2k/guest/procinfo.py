@@ -9,7 +9,9 @@ signals an unrelated process that happens to have the same number.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 # Fields of /proc/<pid>/stat after the ")" that closes the command name:
 # index 0 is the state (field 3), index 19 the start time (field 22).
@@ -23,7 +25,7 @@ class ProcessIdentity:
     start: int
     argv: tuple[str, ...]
 
-    def as_record(self) -> dict[str, object]:
+    def as_record(self) -> dict[str, Any]:
         return {"pid": self.pid, "start": self.start, "argv": list(self.argv)}
 
 
@@ -46,7 +48,7 @@ def identify(pid: int) -> ProcessIdentity | None:
     return ProcessIdentity(pid, int(fields[_START_INDEX]), argv)
 
 
-def matches(record: dict[str, object]) -> bool:
+def matches(record: Mapping[str, Any]) -> bool:
     """Whether the process ``record`` describes is still the same process."""
     pid = record.get("pid")
     if not isinstance(pid, int) or pid <= 0:

@@ -12,7 +12,6 @@ through a mount that is still in place.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -43,7 +42,11 @@ def _servers_in(directory: str) -> list[dict[str, Any]]:
         if procinfo.working_directory(pid) != directory:
             continue
         identity = procinfo.identify(pid)
-        if identity and os.path.basename(identity.argv[0]) in SERVER_TOOLS:
+        if (
+            identity
+            and identity.argv
+            and (os.path.basename(identity.argv[0]) in SERVER_TOOLS)
+        ):
             found.append(identity.as_record())
     return found
 
@@ -73,9 +76,6 @@ def sweep(directory: str) -> None:
         shutil.rmtree(directory)
     except FileNotFoundError:
         pass
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
 
 
 def release(record: dict[str, Any]) -> None:

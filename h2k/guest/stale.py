@@ -2,9 +2,9 @@
 
 Run at worker start (and safe to run at any time): a session whose lock
 nobody holds has no live owner, so what its ledger lists is torn down, last
-created first. Sessions that are alive, in this process or another, keep
-their lock and are left alone; a record whose teardown fails again stays
-for the next run.
+created first, up to the first resource that cannot be released. Sessions
+that are alive, in this process or another, keep their lock and are left
+alone; what fails again stays recorded for the next run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 
 from h2k.errors import H2KError
-from h2k.guest import ledger, release
+from h2k.guest import daemon, ledger, release
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +29,24 @@ def _release_all(path: str) -> bool:
         log.error("cannot read guest ledger %s: %s; left in place", path, exc)
         return False
     remaining = list(data.get("resources", []))
-    failed = []
-    for record in reversed(remaining):
+    # Last created first; each rests on the ones before it, so the first
+    # failure stops the teardown and the rest waits for the next run.
+    while remaining:
+        record = remaining[-1]
         try:
             release.release(record)
-        except (H2KError, OSError) as exc:
+        except (H2KError, OSError, LookupError, TypeError, ValueError) as exc:
+            # A malformed record is kept like one that failed: for a person.
             log.error(
                 "stale guest session %s: cannot release %s: %s",
                 data.get("session"),
                 record,
                 exc,
             )
-            failed.insert(0, record)
-    if failed:
-        data["resources"] = failed
-        ledger.write_atomically(path, data)
-        return False
+            data["resources"] = remaining
+            ledger.write_atomically(path, data)
+            return False
+        remaining.pop()
     return True
 
 
@@ -85,8 +87,9 @@ def cleanup_stale(state_dir: str | None = None) -> list[str]:
                 continue
             log.warning("tearing down stale guest session %s", session_id)
             if _release_all(path):
-                _unlink(path, lock)
+                _unlink(path, f"{path}.tmp", lock)
                 cleaned.append(session_id)
         finally:
             os.close(fd)
+    daemon.reap_left_behind()
     return cleaned
