@@ -20,13 +20,16 @@ order of privilege:
     device-mapper switched off as :mod:`h2k.guest.lvm` uses them.
 
 The kernel nbd driver and device-mapper are never required; whether they
-are present is only noted. Everything set up is torn down, failure or not.
+are present is only noted. Everything set up is torn down, failure or not;
+what a run killed mid-way leaves (its scratch directory, and any mount, loop
+device or server in it) is swept by the next run.
 Run ``python -m h2k.detect`` to print the reports as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
@@ -42,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 from h2k.capabilities import LVM_TOOLS, MOUNT_OPERATIONS, NBD_ACCESS, ORDER, QEMU_IMG
 from h2k.errors import H2KError
-from h2k.guest import fstypes, loop, lvm, mounts, nbd, release
+from h2k.guest import fstypes, ledger, loop, lvm, mounts, nbd, release
 from h2k.guest.daemon import Daemon
 from h2k.guest.volume import Volume
 from h2k.tools.process import run_tool
@@ -52,6 +55,11 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_SECONDS = 60.0
 SCRATCH_BYTES = 8 * 2**20
 PROBE_FILE = "h2k-probe.txt"
+SCRATCH_PREFIX = "h2k-detect-"
+OWNER_LOCK = ".owner.lock"
+# Where the socket goes when the scratch directory is too deep for one.
+SHORT_DIR = "/tmp"
+UNLOCKED_GRACE_SECONDS = 60.0
 _VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?)")
 
 
@@ -347,6 +355,45 @@ def _run(name: str, step: Callable[[], str], detail: str) -> CapabilityReport:
     return CapabilityReport(name, True, version, detail)
 
 
+def _claim_scratch(parent: str | None, locks: list[int]) -> str:
+    """A new scratch directory, marked as this run's by a lock held inside."""
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
+    fd = ledger.try_lock(os.path.join(scratch, OWNER_LOCK), create=True)
+    if fd is not None:
+        locks.append(fd)
+    return scratch
+
+
+def _sweep_abandoned(parent: str) -> None:
+    """Take down what detection runs that died mid-way (SIGKILL, OOM) left.
+
+    A run holds the lock inside its scratch directory until it is done, and
+    the kernel drops it when the run dies; a directory whose lock nobody
+    holds is swept (mounts, loop devices, servers, files). One without a
+    lock is only swept once it is old, since a run creates the lock right
+    after the directory.
+    """
+    for parent_dir in {parent, SHORT_DIR}:
+        pattern = os.path.join(glob.escape(parent_dir), f"{SCRATCH_PREFIX}*")
+        for directory in glob.glob(pattern):
+            lock = os.path.join(directory, OWNER_LOCK)
+            fd = None
+            try:
+                if os.path.exists(lock):
+                    fd = ledger.try_lock(lock, create=False)
+                    if fd is None:
+                        continue
+                elif time.time() - os.path.getmtime(directory) < UNLOCKED_GRACE_SECONDS:
+                    continue
+                log.warning("sweeping %s, left by a detection run that died", directory)
+                release.sweep(directory)
+            except (H2KError, OSError) as exc:
+                log.error("cannot sweep %s: %s", directory, exc)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+
 def detect_capabilities(
     workdir: str | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS
 ) -> dict[str, CapabilityReport]:
@@ -357,8 +404,10 @@ def detect_capabilities(
     """
     deadline = time.monotonic() + timeout
     notes = _notes()
+    _sweep_abandoned(workdir or tempfile.gettempdir())
+    locks: list[int] = []
     try:
-        scratch = tempfile.mkdtemp(prefix="h2k-detect-", dir=workdir)
+        scratch = _claim_scratch(workdir, locks)
     except OSError as exc:
         detail = f"no scratch directory: {exc}"
         return {name: CapabilityReport(name, False, None, detail) for name in ORDER}
@@ -367,7 +416,7 @@ def detect_capabilities(
     try:
         if len(os.path.join(scratch, "nbd.sock").encode()) > nbd.MAX_SOCKET_PATH:
             # Too deep for a Unix socket path.
-            socket_dir = tempfile.mkdtemp(prefix="h2k-detect-nbd-", dir="/tmp")
+            socket_dir = _claim_scratch(SHORT_DIR, locks)
         with ExitStack() as stack:
             probe = _Probe(scratch, socket_dir, deadline, stack)
             probe.prepare()
@@ -388,6 +437,8 @@ def detect_capabilities(
                 release.sweep(directory)
             except (H2KError, OSError) as exc:
                 log.error("detection left %s behind: %s", directory, exc)
+        for fd in locks:
+            os.close(fd)
     return {name: reports[name] for name in ORDER}
 
 

@@ -204,6 +204,7 @@ class JobStatusSchema(Schema):
     error = fields.Nested(JobErrorSchema, allow_none=True)
     latest_event = fields.Nested(ProgressEventSchema, allow_none=True)
     worker_id = fields.String(allow_none=True)
+    attempt = fields.Integer(metadata={"description": "Runs started so far."})
     queue = fields.String()
     created_at = fields.String()
     updated_at = fields.String()

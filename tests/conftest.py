@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -58,9 +59,16 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def app(settings: Settings):  # type: ignore[no-untyped-def]
+    """The API with a broker no worker consumes: queued jobs stay QUEUED."""
     from web import create_app
 
-    return create_app({"TESTING": True, "H2K_SETTINGS": settings})
+    idle_broker = settings.redis_url.rsplit("/", 1)[0] + "/1"
+    return create_app(
+        {
+            "TESTING": True,
+            "H2K_SETTINGS": dataclasses.replace(settings, broker_url=idle_broker),
+        }
+    )
 
 
 @pytest.fixture

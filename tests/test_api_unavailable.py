@@ -77,3 +77,21 @@ def test_broker_down_keeps_the_job_validated(settings, image, client):  # type: 
     again = client.post("/jobs", json=body)
     assert again.status_code == 200
     assert again.get_json()["state"] == "QUEUED"
+
+
+def test_unexpected_error_is_500_in_the_envelope(settings):  # type: ignore[no-untyped-def]
+    from web import create_app
+
+    app = create_app({"H2K_SETTINGS": settings})
+
+    @app.route("/boom")
+    def boom() -> str:
+        raise RuntimeError("the disk caught fire")
+
+    response = app.test_client().get("/boom")
+    assert response.status_code == 500
+    error = response.get_json()["error"]
+    assert error["code"] == 500
+    assert error["path"] == "/boom"
+    # The cause is logged, not shown to the client.
+    assert "fire" not in error["message"]

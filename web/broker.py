@@ -12,8 +12,11 @@ from h2k.errors import Unavailable
 from h2k.priority import broker_priority
 from workers.app import RUN_JOB, RUN_JOB_ONCE
 
-# Seconds a job gets after its soft time limit to clean up before it is killed.
-HARD_LIMIT_GRACE = 60
+# The operation enforces timeout_seconds itself and reports the phase it was
+# in; Celery's soft limit is the backstop a little later, and the hard limit
+# (which kills the process) later still, after time to clean up.
+SOFT_LIMIT_GRACE = 30
+HARD_LIMIT_GRACE = 90
 BROKER_ERRORS = (kombu.exceptions.OperationalError, redis.RedisError, OSError)
 
 
@@ -33,7 +36,7 @@ class Broker:
                 queue=queue,
                 routing_key=queue,
                 priority=broker_priority(policy["priority"], self.broker_url),
-                soft_time_limit=policy["timeout_seconds"],
+                soft_time_limit=policy["timeout_seconds"] + SOFT_LIMIT_GRACE,
                 time_limit=policy["timeout_seconds"] + HARD_LIMIT_GRACE,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2},

@@ -20,6 +20,7 @@ from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from h2k.capabilities import ORDER, queues_for_worker
 from h2k.detect import available, detect_capabilities
 from h2k.errors import H2KError
+from h2k.guest import cleanup_stale
 from h2k.tools.process import kill_all
 from workers.runtime import worker_registry
 
@@ -56,8 +57,20 @@ def _narrowed(detected: list[str]) -> list[str]:
     return [c for c in detected if c in allowed]
 
 
+def _clean_up_after_crashes() -> None:
+    """Tear down guest-disk sessions (mounts, loops, qemu-nbd) a dead worker left."""
+    try:
+        cleaned = cleanup_stale()
+    except (H2KError, OSError) as exc:
+        log.warning("could not clean up stale guest sessions: %s", exc)
+        return
+    if cleaned:
+        log.info("cleaned up %d stale guest session(s): %s", len(cleaned), cleaned)
+
+
 @celeryd_after_setup.connect
 def choose_queues(sender: str, instance: Any, **_: Any) -> None:
+    _clean_up_after_crashes()
     reports = detect_capabilities()
     for report in reports.values():
         log.info(

@@ -10,6 +10,7 @@ this delivery may run at all.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Task
@@ -24,8 +25,14 @@ from workers.runtime import job_store, settings
 
 log = logging.getLogger(__name__)
 
-# Seconds before retry n (1-based) of a job whose operation may succeed again.
-RETRY_BACKOFF = (30, 120, 600)
+
+def _retry_backoff() -> tuple[int, ...]:
+    """Seconds before each retry; ``H2K_RETRY_BACKOFF`` as "30,120,600"."""
+    value = os.environ.get("H2K_RETRY_BACKOFF", "30,120,600")
+    return tuple(int(part) for part in value.split(",") if part.strip())
+
+
+RETRY_BACKOFF = _retry_backoff()
 
 
 class JobTask(Task):

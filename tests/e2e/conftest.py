@@ -17,9 +17,17 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 
 @pytest.fixture(scope="session")
-def api_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def live_app(settings):  # type: ignore[no-untyped-def]
+    """The API publishing to the broker the test workers consume."""
+    from web import create_app
+
+    return create_app({"H2K_SETTINGS": settings})
+
+
+@pytest.fixture(scope="session")
+def api_url(live_app) -> Iterator[str]:  # type: ignore[no-untyped-def]
     port = free_port()
-    server = make_server("127.0.0.1", port, app, threaded=True)
+    server = make_server("127.0.0.1", port, live_app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{port}"
@@ -30,7 +38,7 @@ def api_url(app) -> Iterator[str]:  # type: ignore[no-untyped-def]
 def worker(worker_factory, redis_url):  # type: ignore[no-untyped-def]
     import redis
 
-    process = worker_factory("convert-1")
+    process = worker_factory("convert-1", H2K_RETRY_BACKOFF="1")
     process.wait_registered(redis.Redis.from_url(redis_url))
     return process
 

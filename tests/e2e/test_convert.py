@@ -264,3 +264,32 @@ def test_worker_registered_its_capabilities(api_url, worker):  # type: ignore[no
     assert listing["active"] >= 1
     health = requests.get(f"{api_url}/health", timeout=10).json()
     assert health["workers"] >= 1
+
+
+def test_retryable_failure_is_retried_then_fails(api_url, worker, folder):  # type: ignore[no-untyped-def]
+    source = make_image(folder, "vmdk", size_mib=16, name="retried")
+    job_id = f"retry-{uuid.uuid4().hex[:6]}"
+    submit(
+        api_url,
+        {
+            "job_id": job_id,
+            "operation": "convert",
+            "image": {"path": source, "format": "vmdk"},
+            "parameters": {"rate_limit_bytes": 1024 * 1024},
+            "execution_policy": {"timeout_seconds": 2, "retry_count": 1},
+        },
+    )
+
+    job = wait_terminal(api_url, job_id, timeout=90)
+
+    assert job["state"] == "FAILED"
+    assert job["error"]["code"] == "TIMEOUT"
+    assert [h["state"] for h in job["state_history"]][3:] == [
+        "ASSIGNED",
+        "RUNNING",
+        "RETRYING",
+        "ASSIGNED",
+        "RUNNING",
+        "FAILED",
+    ]
+    assert job["attempt"] == 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -124,3 +126,31 @@ def test_an_unusable_work_directory_makes_everything_unavailable(tmp_path) -> No
     assert list(reports) == list(ORDER)
     assert available(reports) == []
     assert all("scratch directory" in r.detail for r in reports.values())
+
+
+def test_what_a_killed_detection_run_left_is_swept(tmp_path) -> None:
+    dead = tmp_path / "h2k-detect-dead"
+    dead.mkdir()
+    (dead / ".owner.lock").write_text("")
+    backing = dead / "pv.raw"
+    backing.write_bytes(b"\0" * 2**20)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    alive = tmp_path / "h2k-detect-alive"
+    alive.mkdir()
+    with open(alive / ".owner.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            detect_capabilities(workdir=str(tmp_path))
+            assert leftovers(str(dead)).loops == []
+        finally:
+            if leftovers(str(dead)).loops:
+                subprocess.run(["losetup", "--detach", device], check=True)
+        assert not dead.exists()
+        assert alive.exists()
+    assert leftovers(str(tmp_path)).empty
+    assert sorted(os.listdir(tmp_path)) == ["h2k-detect-alive"]
