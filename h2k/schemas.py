@@ -104,6 +104,65 @@ class ConvertParametersSchema(StrictSchema):
             )
 
 
+class InspectParametersSchema(StrictSchema):
+    """inspect takes no parameters: it reads and reports."""
+
+
+class ModifyingParametersSchema(StrictSchema):
+    """What every operation that changes a guest disk accepts."""
+
+    in_place = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Change the image itself instead of an overlay."},
+    )
+    dry_run = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Change nothing; report what would change."},
+    )
+    output_path = fields.String(
+        validate=validate.Length(min=1, max=4096),
+        metadata={
+            "description": "Where the qcow2 overlay holding the changes goes; "
+            "default <image dir>/<image stem>.<operation>.qcow2."
+        },
+    )
+    overwrite = fields.Boolean(load_default=False)
+
+    @validates_schema
+    def _in_place_has_no_output(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("in_place") and data.get("output_path"):
+            raise ValidationError(
+                "An in-place change writes no overlay; drop output_path.",
+                field_name="output_path",
+            )
+
+
+OFFLINE_FIXES = ("fstab", "bootloader", "vmware_tools", "network", "initramfs_config")
+
+
+class OfflineFixParametersSchema(ModifyingParametersSchema):
+    fixes = fields.List(
+        fields.String(validate=validate.OneOf(OFFLINE_FIXES)),
+        load_default=lambda: list(OFFLINE_FIXES),
+        validate=validate.Length(min=1),
+        metadata={"description": "Which fixes run; all by default."},
+    )
+
+
+class FsRepairParametersSchema(ModifyingParametersSchema):
+    filesystems = fields.List(
+        fields.String(validate=validate.Length(min=1, max=128)),
+        metadata={"description": "UUIDs or labels to repair; all by default."},
+    )
+
+
+class InitramfsParametersSchema(ModifyingParametersSchema):
+    kernels = fields.List(
+        fields.String(validate=validate.Regexp(r"^[A-Za-z0-9._+-]{1,128}$")),
+        metadata={"description": "Kernel versions to rebuild for; all by default."},
+    )
+
+
 # One parameter schema per operation h2k can run. An operation of the
 # contract without one here is refused at submission (README: Known
 # limitations) instead of waiting in a queue no worker serves.

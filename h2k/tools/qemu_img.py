@@ -337,6 +337,30 @@ def parse_progress(line: str) -> float | None:
     return min(100.0, float(match.group(1)))
 
 
+def create_overlay(path: str, backing: str, backing_fmt: str) -> None:
+    """A new qcow2 at ``path`` that reads through to ``backing`` and takes writes.
+
+    The backing file is named by its absolute path and its format is stated,
+    so qemu never guesses it.
+    """
+    driver = driver_for(backing_fmt, "image.format")
+    run_tool(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            os.path.abspath(backing),
+            "-F",
+            driver,
+            path,
+        ],
+        timeout=INFO_TIMEOUT_SECONDS,
+    )
+
+
 def convert(
     src: str,
     src_fmt: str,
