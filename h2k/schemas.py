@@ -25,13 +25,16 @@ from h2k.capabilities import OPERATIONS, QUEUES
 from h2k.priority import DEFAULT_PRIORITY
 from h2k.states import JobState
 
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}\Z"
 IMAGE_FORMATS = ("vmdk", "vhd", "vhdx", "vdi", "qcow2", "raw")
 OUTPUT_FORMATS = ("qcow2", "raw")
 # Operations that only read the image and may be run again safely.
 IDEMPOTENT_BY_DEFAULT = frozenset({"convert", "inspect"})
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 
+execution_mode_rule = validate.Regexp(
+    r"^[A-Z][A-Z0-9_]{0,63}\Z", error="Must be UPPER_CASE."
+)
 job_id_field = validate.Regexp(
     ID_PATTERN,
     error="Must be 1-128 characters of letters, digits, '.', '_' or '-'.",
@@ -48,7 +51,7 @@ class ImageSpecSchema(StrictSchema):
     format = fields.String(required=True, validate=validate.OneOf(IMAGE_FORMATS))
     checksum = fields.String(
         validate=validate.Regexp(
-            r"^sha256:[0-9a-fA-F]{64}$", error="Must be 'sha256:' and 64 hex digits."
+            r"^sha256:[0-9a-fA-F]{64}\Z", error="Must be 'sha256:' and 64 hex digits."
         )
     )
     size_bytes = fields.Integer(strict=True, validate=validate.Range(min=0))
@@ -158,7 +161,7 @@ class FsRepairParametersSchema(ModifyingParametersSchema):
 
 class InitramfsParametersSchema(ModifyingParametersSchema):
     kernels = fields.List(
-        fields.String(validate=validate.Regexp(r"^[A-Za-z0-9._+-]{1,128}$")),
+        fields.String(validate=validate.Regexp(r"^[A-Za-z0-9._+-]{1,128}\Z")),
         metadata={"description": "Kernel versions to rebuild for; all by default."},
     )
 
@@ -338,9 +341,7 @@ class WorkerRegistrationSchema(StrictSchema):
         fields.String(validate=validate.OneOf(QUEUES)), required=True
     )
     system_info = fields.Nested(SystemInfoSchema, load_default=dict)
-    execution_mode = fields.String(
-        validate=validate.Regexp(r"^[A-Z][A-Z0-9_]{0,63}$", error="Must be UPPER_CASE.")
-    )
+    execution_mode = fields.String(validate=execution_mode_rule)
 
 
 class WorkerRegisteredSchema(Schema):
@@ -388,9 +389,7 @@ class DequeueRequestSchema(StrictSchema):
     capabilities = fields.List(
         fields.String(validate=validate.OneOf(QUEUES)), required=True
     )
-    execution_mode = fields.String(
-        validate=validate.Regexp(r"^[A-Z][A-Z0-9_]{0,63}$", error="Must be UPPER_CASE.")
-    )
+    execution_mode = fields.String(validate=execution_mode_rule)
 
 
 class HealthSchema(Schema):

@@ -68,18 +68,191 @@ def make_image(
     *,
     name: str = "disk",
     seed: int = 0,
+    options: str | None = None,
 ) -> str:
-    """A real ``fmt`` image (wire name) named ``name`` in ``tmp_dir``."""
+    """A real ``fmt`` image (wire name) named ``name`` in ``tmp_dir``.
+
+    ``options`` go to ``qemu-img convert -o`` (``subformat=streamOptimized``).
+    """
     target = Path(tmp_dir) / f"{name}{SUFFIXES[fmt]}"
     if fmt == "raw":
         return make_raw(target, size_mib, seed)
     source = Path(tmp_dir) / f".{name}.source.raw"
     make_raw(source, size_mib, seed)
+    extra = ["-o", options] if options else []
     try:
-        qemu_img("convert", "-f", "raw", "-O", DRIVERS[fmt], str(source), str(target))
+        qemu_img(
+            "convert", "-f", "raw", "-O", DRIVERS[fmt], *extra, str(source), str(target)
+        )
     finally:
         source.unlink()
     return str(target)
+
+
+def make_raw_bytes(
+    path: str | os.PathLike[str], size_bytes: int, pattern_seed: int = 0
+) -> str:
+    """A raw disk of exactly ``size_bytes`` whose last 64 KiB are not zeros.
+
+    A reader that cuts the disk short therefore loses data, which
+    ``qemu-img compare`` sees.
+    """
+    make_raw(path, -(-size_bytes // MIB), pattern_seed)
+    os.truncate(path, size_bytes)
+    with open(path, "r+b") as disk:
+        disk.seek(size_bytes - 64 * 1024)
+        disk.write(b"\xa5" * 64 * 1024)
+    return os.fspath(path)
+
+
+def vhd_geometry(size_bytes: int) -> tuple[int, int, int]:
+    """(cylinders, heads, sectors per track) the VHD specification gives a size.
+
+    The specification's algorithm rounds down, so the geometry can describe
+    a few sectors less than the disk holds.
+    """
+    sectors = min(size_bytes // 512, 65535 * 16 * 255)
+    if sectors >= 65535 * 16 * 63:
+        per_track, heads = 255, 16
+        cylinders_times_heads = sectors // per_track
+    else:
+        per_track = 17
+        cylinders_times_heads = sectors // per_track
+        heads = max(4, (cylinders_times_heads + 1023) // 1024)
+        if cylinders_times_heads >= heads * 1024 or heads > 16:
+            per_track, heads = 31, 16
+            cylinders_times_heads = sectors // per_track
+        if cylinders_times_heads >= heads * 1024:
+            per_track, heads = 63, 16
+            cylinders_times_heads = sectors // per_track
+    return cylinders_times_heads // heads, heads, per_track
+
+
+def _rewrite_vhd_footer(footer: bytearray, creator: bytes, size_bytes: int) -> None:
+    footer[28:32] = creator
+    struct.pack_into(">HBB", footer, 56, *vhd_geometry(size_bytes))
+    footer[64:68] = bytes(4)
+    struct.pack_into(">I", footer, 64, ~sum(footer) & 0xFFFFFFFF)
+
+
+def make_vhd(
+    tmp_dir: str | os.PathLike[str],
+    size_bytes: int,
+    subformat: str,
+    *,
+    name: str = "disk",
+    seed: int = 0,
+    creator: str | None = None,
+) -> tuple[str, str]:
+    """A VHD whose footer holds exactly ``size_bytes``, and the raw disk it holds.
+
+    Made with qemu-img's ``force_size``, which marks the footer with creator
+    ``qem2`` and a maximal geometry. With ``creator`` (four characters, such
+    as ``win `` for Hyper-V or ``vbox`` for VirtualBox) the footer is
+    rewritten as that tool writes it: its name and the geometry the VHD
+    specification computes, which for most sizes is a little smaller.
+    """
+    raw = make_raw_bytes(Path(tmp_dir) / f"{name}.expected.img", size_bytes, seed)
+    target = str(Path(tmp_dir) / f"{name}.vhd")
+    options = f"subformat={subformat},force_size=on"
+    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", options, raw, target)
+    if creator is not None:
+        app = creator.encode("ascii")
+        if len(app) != 4:
+            raise ValueError(f"a VHD creator application is 4 bytes, not {creator!r}")
+        with open(target, "r+b") as image:
+            image.seek(-512, os.SEEK_END)
+            offsets = [image.tell()]
+            image.seek(0)
+            if image.read(8) == b"conectix":
+                offsets.append(0)
+            for offset in offsets:
+                image.seek(offset)
+                footer = bytearray(image.read(512))
+                _rewrite_vhd_footer(footer, app, size_bytes)
+                image.seek(offset)
+                image.write(footer)
+    return target, raw
+
+
+def make_split_vmdk(
+    tmp_dir: str | os.PathLike[str], *, name: str = "split"
+) -> tuple[str, int]:
+    """A twoGbMaxExtentSparse VMDK over two extents, with data in both.
+
+    Returns the descriptor's path and the virtual size. The disk is 2 GiB +
+    4 MiB, mostly unallocated, so its files stay small.
+    """
+    size = 2048 * MIB + 4 * MIB
+    descriptor = str(Path(tmp_dir) / f"{name}.vmdk")
+    qemu_img(
+        "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+        descriptor, str(size),
+    )  # fmt: skip
+    subprocess.run(
+        [
+            "qemu-io", "-f", "vmdk",
+            "-c", "write -P 0x11 0 1M",
+            "-c", f"write -P 0x22 {2048 * MIB + MIB} 1M",
+            descriptor,
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return descriptor, size
+
+
+_CRC32C_TABLE: list[int] = []
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of VHDX headers."""
+    if not _CRC32C_TABLE:
+        for index in range(256):
+            value = index
+            for _ in range(8):
+                value = (value >> 1) ^ 0x82F63B78 if value & 1 else value >> 1
+            _CRC32C_TABLE.append(value)
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def make_dirty_vhdx(tmp_dir: str | os.PathLike[str], *, name: str = "dirty") -> str:
+    """A VHDX whose log still needs replaying, as a VM that crashed leaves it.
+
+    qemu writes a log entry for each metadata update, replays it at once and
+    then clears the log GUID in the header, leaving the entry in place. Here
+    the current header is pointed at that entry's GUID again (its CRC-32C
+    recomputed), so the log is valid and unreplayed.
+    """
+    path = str(Path(tmp_dir) / f"{name}.vhdx")
+    qemu_img("create", "-q", "-f", "vhdx", path, "8M")
+    subprocess.run(
+        ["qemu-io", "-f", "vhdx", "-c", "write -P 0x33 0 1M", path],
+        check=True,
+        capture_output=True,
+    )
+    with open(path, "r+b") as image:
+        headers = []
+        for offset in (64 * 1024, 128 * 1024):
+            image.seek(offset)
+            header = bytearray(image.read(4096))
+            (sequence,) = struct.unpack_from("<Q", header, 8)
+            headers.append((sequence, offset, header))
+        _, offset, header = max(headers)
+        log_length, log_offset = struct.unpack_from("<IQ", header, 68)
+        image.seek(log_offset)
+        log = image.read(log_length)
+        if log[:4] != b"loge":
+            raise ValueError(f"no log entry at the start of the log of {path}")
+        header[48:64] = log[32:48]
+        header[4:8] = bytes(4)
+        struct.pack_into("<I", header, 4, crc32c(bytes(header)))
+        image.seek(offset)
+        image.write(header)
+    return path
 
 
 def make_overlay(path: str | os.PathLike[str], backing: str, backing_fmt: str) -> str:

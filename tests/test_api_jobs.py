@@ -131,6 +131,7 @@ def test_queue_false_stores_validated_until_queued(client, vmdk):  # type: ignor
         ),
         ({"job_id": "has space"}, "job_id"),
         ({"job_id": "x" * 129}, "job_id"),
+        ({"job_id": "trailing-newline\n"}, "job_id"),
         ({"audit_info": {"tags": "prod"}}, "audit_info.tags"),
         (
             {"image": {"path": "/x", "format": "vmdk", "checksum": "md5:00"}},

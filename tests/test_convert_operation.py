@@ -6,9 +6,11 @@ checked by running qemu-img again directly; nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 from h2k.errors import InvalidInput, OperationError, ToolError
 from h2k.operations import codes, convert
 from h2k.operations.base import OperationContext
-from h2k.tools import qemu_img
+from h2k.tools import checksum, qemu_img
 from tests import images
 
 SOURCE_FORMATS = ["vmdk", "vhdx", "vdi", "vhd", "qcow2"]
@@ -59,14 +61,19 @@ def root(tmp_path: Path) -> Path:
     return path.resolve()
 
 
-def make_spec(image: str, fmt: str, **parameters: Any) -> dict[str, Any]:
+def make_spec(
+    image: str, fmt: str, checksum: str | None = None, **parameters: Any
+) -> dict[str, Any]:
     policy = {"priority": 5}
     if "timeout_seconds" in parameters:
         policy["timeout_seconds"] = parameters.pop("timeout_seconds")
+    image_spec = {"path": image, "format": fmt}
+    if checksum is not None:
+        image_spec["checksum"] = checksum
     return {
         "job_id": "job-1",
         "operation": "convert",
-        "image": {"path": image, "format": fmt},
+        "image": image_spec,
         "parameters": parameters,
         "execution_policy": policy,
     }
@@ -116,6 +123,30 @@ def processes_mentioning(text: str) -> list[int]:
         if text in args and int(entry) != os.getpid():
             found.append(int(entry))
     return found
+
+
+def measured_required(source: str, fmt: str, output_format: str) -> int:
+    """``required`` from ``qemu-img measure``, run directly."""
+    out = images.qemu_img(
+        "measure",
+        "--output=json",
+        "-f",
+        images.DRIVERS[fmt],
+        "-O",
+        output_format,
+        source,
+    ).stdout
+    required: int = json.loads(out)["required"]
+    return required
+
+
+def sha256sum(*paths: str) -> str:
+    """The sha256 of ``paths`` one after another, by coreutils' sha256sum."""
+    data = b"".join(Path(path).read_bytes() for path in paths)
+    out = subprocess.run(
+        ["sha256sum"], input=data, capture_output=True, check=True
+    ).stdout
+    return out.split()[0].decode()
 
 
 def assert_events_sound(recorder: Recorder, virtual_size: int) -> None:
@@ -187,8 +218,20 @@ def test_converts_a_real_image(
     assert os.path.isfile(expected_output)
     assert result["output_format"] == output_format
     assert result["virtual_size_bytes"] == virtual_size
-    assert result["source"] == {"path": source, "format": source_format}
+    assert result["source"]["path"] == source
+    assert result["source"]["format"] == source_format
+    assert result["source"]["files"] == [source]
+    if source_format == "vhd":
+        assert result["source"]["read_options"] == {"force_size_calc": "current_size"}
+        assert result["source"]["qemu_default_virtual_size_bytes"] == virtual_size
+    else:
+        assert "read_options" not in result["source"]
     assert result["compressed"] is compress
+    assert result["checksum"] is None
+    assert result["measured_required_bytes"] == measured_required(
+        source, source_format, output_format
+    )
+    assert result["free_bytes_before"] > result["measured_required_bytes"]
     assert result["output_size_bytes"] == os.stat(expected_output).st_blocks * 512
 
     out_info = images.info(expected_output, output_format)
@@ -654,3 +697,373 @@ def test_cancel_before_conversion_writes_nothing(root: Path) -> None:
     error = failure(root, source, "vdi", should_stop=lambda: True)
     assert error.code == codes.CANCELLED
     assert sorted(p.name for p in root.iterdir()) == ["disk.vdi"]
+
+
+# Source format quirks ----------------------------------------------------------
+
+
+def test_stream_optimized_vmdk_converts(root: Path) -> None:
+    source = images.make_image(
+        root, "vmdk", size_mib=8, seed=5, options="subformat=streamOptimized"
+    )
+    details = images.info(source, "vmdk")["format-specific"]
+    assert isinstance(details, dict)
+    assert details["data"]["create-type"] == "streamOptimized"
+    assert details["data"]["extents"][0]["compressed"] is True
+
+    for output_format in ("qcow2", "raw"):
+        result, _ = run_convert(root, source, "vmdk", output_format=output_format)
+        output = result["output_path"]
+        assert result["source"]["files"] == [source]
+        assert result["virtual_size_bytes"] == 8 * images.MIB
+        assert images.compare(source, "vmdk", output, output_format).returncode == 0
+    assert leftovers(root) == []
+
+
+def test_monolithic_flat_vmdk_reads_its_extent(root: Path) -> None:
+    descriptor = images.make_image(
+        root, "vmdk", size_mib=4, seed=2, options="subformat=monolithicFlat"
+    )
+    flat = str(root / "disk-flat.vmdk")
+    assert os.path.getsize(flat) == 4 * images.MIB
+    assert os.path.getsize(descriptor) < 4096
+
+    result, _ = run_convert(root, descriptor, "vmdk")
+    assert result["source"]["files"] == [descriptor, flat]
+    output = result["output_path"]
+    assert images.compare(descriptor, "vmdk", output, "qcow2").returncode == 0
+    assert images.compare(flat, "raw", output, "qcow2").returncode == 0
+
+    error = failure(
+        root, descriptor, "vmdk", output_path=flat, output_format="raw", overwrite=True
+    )
+    assert error.code == codes.OUTPUT_IS_INPUT
+
+
+def test_split_sparse_vmdk_reads_every_extent(root: Path) -> None:
+    descriptor, size = images.make_split_vmdk(root)
+    extents = [str(root / "split-s001.vmdk"), str(root / "split-s002.vmdk")]
+    digest = sha256sum(descriptor, *extents)
+
+    result, _ = run_convert(root, descriptor, "vmdk", checksum=f"sha256:{digest}")
+    assert result["source"]["files"] == [descriptor, *extents]
+    assert result["checksum"]["files"] == [descriptor, *extents]
+    assert result["virtual_size_bytes"] == size
+    output = result["output_path"]
+    assert images.info(output, "qcow2")["virtual-size"] == size
+    assert images.compare(descriptor, "vmdk", output, "qcow2").returncode == 0
+    tail = images.qemu_img(
+        "map", "--output=json", "-f", "qcow2", output
+    ).stdout  # the data past 2 GiB, in the second extent, was copied
+    assert any(
+        entry["data"] and entry["start"] >= 2048 * images.MIB
+        for entry in json.loads(tail)
+    )
+
+
+@pytest.mark.parametrize("subformat", ["fixed", "dynamic"])
+def test_vhd_rounded_to_its_geometry_keeps_that_size(
+    root: Path, subformat: str
+) -> None:
+    # qemu-img sizes a VHD it creates without force_size to a whole geometry.
+    source = images.make_image(
+        root, "vhd", size_mib=4, seed=9, options=f"subformat={subformat}"
+    )
+    size = images.info(source, "vhd")["virtual-size"]
+    assert isinstance(size, int) and size > 4 * images.MIB
+
+    result, _ = run_convert(root, source, "vhd", output_format="raw")
+    assert result["virtual_size_bytes"] == size
+    assert result["source"]["qemu_default_virtual_size_bytes"] == size
+    assert os.path.getsize(result["output_path"]) == size
+    assert images.compare(source, "vhd", result["output_path"], "raw").returncode == 0
+
+
+# A size no CHS geometry describes: the VHD algorithm rounds it down.
+EXACT_VHD_SIZE = 10 * images.MIB + 512 * 1024
+
+
+@pytest.mark.parametrize("subformat", ["fixed", "dynamic"])
+@pytest.mark.parametrize("creator", [None, "win ", "vbox"], ids=["qem2", "win", "vbox"])
+def test_vhd_converts_to_its_exact_footer_size(
+    root: Path, subformat: str, creator: str | None
+) -> None:
+    source, expected = images.make_vhd(
+        root, EXACT_VHD_SIZE, subformat, seed=4, creator=creator
+    )
+    cylinders, heads, sectors = images.vhd_geometry(EXACT_VHD_SIZE)
+    geometry_size = cylinders * heads * sectors * 512
+    assert geometry_size < EXACT_VHD_SIZE
+    plain = images.info(source, "vhd")["virtual-size"]
+    # qemu's own choice: the footer size for the creators it knows.
+    assert plain == (geometry_size if creator == "vbox" else EXACT_VHD_SIZE)
+
+    result, _ = run_convert(root, source, "vhd")
+    output = result["output_path"]
+    assert result["virtual_size_bytes"] == EXACT_VHD_SIZE
+    assert result["source"]["qemu_default_virtual_size_bytes"] == plain
+    assert images.info(output, "qcow2")["virtual-size"] == EXACT_VHD_SIZE
+    independent = images.compare(expected, "raw", output, "qcow2")
+    assert independent.returncode == 0, independent.stdout
+
+
+def test_vhd_in_a_directory_with_a_comma(root: Path) -> None:
+    folder = root / "a,b"
+    folder.mkdir()
+    source, expected = images.make_vhd(folder, EXACT_VHD_SIZE, "dynamic", seed=1)
+    result, _ = run_convert(root, source, "vhd", output_format="raw")
+    assert result["output_path"] == str(folder / "disk.raw")
+    assert images.compare(expected, "raw", result["output_path"], "raw").returncode == 0
+
+
+def test_vhdx_with_an_unreplayed_log_is_refused_untouched(root: Path) -> None:
+    source = images.make_dirty_vhdx(root)
+    before = sha256sum(source)
+
+    error = failure(root, source, "vhdx")
+    assert error.code == codes.INVALID_IMAGE
+    assert error.phase == "validation"
+    assert "log that needs to be replayed" in error.message
+    assert "never writes the source" in error.message
+    assert sha256sum(source) == before
+    assert sorted(p.name for p in root.iterdir()) == ["dirty.vhdx"]
+
+
+# Checksums ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["lower", "upper"])
+def test_matching_checksum_lets_the_conversion_run(root: Path, case: str) -> None:
+    source = images.make_image(root, "vdi", size_mib=8, seed=3)
+    digest = sha256sum(source)
+    given = digest.upper() if case == "upper" else digest
+
+    result, recorder = run_convert(root, source, "vdi", checksum=f"sha256:{given}")
+    assert result["checksum"] == {
+        "algorithm": "sha256",
+        "expected": f"sha256:{digest}",
+        "actual": f"sha256:{digest}",
+        "files": [source],
+        "matches": True,
+    }
+    hashed = [e for e in recorder.of("validation") if "bytes_hashed" in e["details"]]
+    assert len(hashed) >= 2
+    total = str(os.path.getsize(source))
+    done = [int(e["details"]["bytes_hashed"]) for e in hashed]
+    assert done == sorted(done)
+    assert hashed[-1]["details"] == {"bytes_hashed": total, "total_bytes": total}
+    assert all(e["percentage"] is None for e in hashed)
+    assert_events_sound(recorder, 8 * images.MIB)
+
+
+def test_checksum_mismatch_stops_before_anything_is_written(root: Path) -> None:
+    source = images.make_image(root, "vmdk", size_mib=4)
+    actual = sha256sum(source)
+    wrong = "ab" * 32
+
+    recorder = Recorder()
+    error = failure(root, source, "vmdk", checksum=f"sha256:{wrong}", recorder=recorder)
+    assert error.code == codes.CHECKSUM_MISMATCH
+    assert error.phase == "validation"
+    assert error.retryable is False
+    assert f"sha256:{wrong}" in error.message
+    assert f"sha256:{actual}" in error.message
+    assert error.details == {
+        "expected": f"sha256:{wrong}",
+        "actual": f"sha256:{actual}",
+        "files": [source],
+    }
+    assert {e["phase"] for e in recorder.events} == {"validation"}
+    assert sorted(p.name for p in root.iterdir()) == ["disk.vmdk"]
+
+
+def test_checksum_of_a_multi_file_vmdk_covers_its_extents(root: Path) -> None:
+    descriptor = images.make_image(
+        root, "vmdk", size_mib=2, options="subformat=monolithicFlat"
+    )
+    flat = str(root / "disk-flat.vmdk")
+
+    error = failure(
+        root, descriptor, "vmdk", checksum=f"sha256:{sha256sum(descriptor)}"
+    )
+    assert error.code == codes.CHECKSUM_MISMATCH
+    assert f"{descriptor}, {flat} (hashed one after another" in error.message
+
+    both = sha256sum(descriptor, flat)
+    result, _ = run_convert(root, descriptor, "vmdk", checksum=f"sha256:{both}")
+    assert result["checksum"]["files"] == [descriptor, flat]
+    assert result["checksum"]["actual"] == f"sha256:{both}"
+
+
+def test_cancel_while_hashing_writes_nothing(root: Path) -> None:
+    source = images.make_image(root, "raw", size_mib=8)
+    stop = False
+
+    def on_event(event: dict[str, Any]) -> None:
+        nonlocal stop
+        if "bytes_hashed" in event["details"]:
+            stop = True
+
+    recorder = Recorder(on_event)
+    error = failure(
+        root,
+        source,
+        "raw",
+        checksum=f"sha256:{'0' * 64}",
+        recorder=recorder,
+        should_stop=lambda: stop,
+    )
+    assert error.code == codes.CANCELLED
+    assert error.phase == "validation"
+    hashed = [e for e in recorder.events if "bytes_hashed" in e["details"]]
+    assert len(hashed) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["disk.img"]
+
+
+@pytest.mark.parametrize(
+    "given", ["md5:" + "0" * 32, "sha256:" + "0" * 63, "sha256:" + "g" * 64, 7]
+)
+def test_malformed_checksum_is_refused(root: Path, given: Any) -> None:
+    source = images.make_image(root, "vdi", size_mib=1)
+    error = failure(root, source, "vdi", checksum=given)
+    assert error.code == codes.INVALID_PARAMETERS
+    assert "image.checksum" in error.details["fields"]
+
+
+def test_sha256_files_hashes_files_as_one_stream(root: Path) -> None:
+    first = images.make_raw(root / "a.img", 2, pattern_seed=1)
+    second = images.make_raw(root / "b.img", 1, pattern_seed=2)
+    seen: list[tuple[int, int]] = []
+    digest = checksum.sha256_files(
+        [first, second],
+        on_progress=lambda done, total: seen.append((done, total)),
+        chunk_bytes=512 * 1024,
+    )
+    assert digest == sha256sum(first, second)
+    assert seen == [(n * 512 * 1024, 3 * images.MIB) for n in range(1, 7)]
+
+    with pytest.raises(ToolError) as caught:
+        checksum.sha256_files([str(root / "absent.img")])
+    assert "absent.img" in str(caught.value)
+
+
+# Free space --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output_format", "compress"),
+    [("qcow2", False), ("qcow2", True), ("raw", False)],
+    ids=["qcow2", "qcow2-compressed", "raw"],
+)
+def test_measure_bounds_what_the_conversion_writes(
+    root: Path, output_format: str, compress: bool
+) -> None:
+    source = images.make_image(root, "vmdk", size_mib=8, seed=11)
+    measured = qemu_img.measure(source, "vmdk", output_format)
+    assert measured["required"] == measured_required(source, "vmdk", output_format)
+    assert measured["fully_allocated"] >= measured["required"]
+
+    result, recorder = run_convert(
+        root, source, "vmdk", output_format=output_format, compress=compress
+    )
+    assert result["measured_required_bytes"] == measured["required"]
+    assert result["output_file_size_bytes"] <= measured["required"]
+    if output_format == "raw":
+        assert measured["required"] == 8 * images.MIB
+    event = next(
+        e
+        for e in recorder.of("validation")
+        if "measured_required_bytes" in e["details"]
+    )
+    assert event["details"]["measured_required_bytes"] == str(measured["required"])
+    assert event["details"]["free_bytes"] == str(result["free_bytes_before"])
+
+
+def test_measure_reads_a_vhd_at_its_footer_size(root: Path) -> None:
+    source, _ = images.make_vhd(root, EXACT_VHD_SIZE, "fixed", creator="vbox")
+    assert qemu_img.measure(source, "vhd", "raw")["required"] == EXACT_VHD_SIZE
+
+
+def test_human_size() -> None:
+    assert convert.human_size(0) == "0 bytes"
+    assert convert.human_size(1023) == "1023 bytes"
+    assert convert.human_size(1024) == "1.0 KiB"
+    assert convert.human_size(6_619_136) == "6.3 MiB"
+    assert convert.human_size(3 * 1024**3) == "3.0 GiB"
+    assert convert.human_size(5 * 1024**7) == "5120.0 EiB"
+
+
+@pytest.fixture
+def small_fs(root: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs inside the root, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = root / "small"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "h2k-test", str(mount)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True, capture_output=True)
+
+
+def free_bytes_by_stat(directory: Path) -> int:
+    """Free bytes for unprivileged users, as coreutils' stat -f reports them."""
+    out = subprocess.run(
+        ["stat", "-f", "-c", "%a %S", str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return int(out[0]) * int(out[1])
+
+
+@pytest.mark.parametrize("output_format", ["qcow2", "raw"])
+def test_output_that_does_not_fit_is_refused_before_writing(
+    root: Path, small_fs: Path, output_format: str
+) -> None:
+    source = images.make_image(root, "vmdk", size_mib=8, seed=6)
+    required = measured_required(source, "vmdk", output_format)
+    free = free_bytes_by_stat(small_fs)
+    assert required > free
+
+    recorder = Recorder()
+    error = failure(
+        root,
+        source,
+        "vmdk",
+        recorder=recorder,
+        output_format=output_format,
+        output_path=str(small_fs / f"out.{output_format}"),
+    )
+    assert error.code == codes.INSUFFICIENT_SPACE
+    assert error.phase == "validation"
+    assert str(required) in error.message and str(free) in error.message
+    assert convert.human_size(required) in error.message
+    assert "2.0 MiB" in error.message
+    assert error.details == {
+        "measured_required_bytes": required,
+        "free_bytes": free,
+        "output_directory": str(small_fs),
+    }
+    assert list(small_fs.iterdir()) == []
+    assert {e["phase"] for e in recorder.events} == {"validation"}
+    assert free_bytes_by_stat(small_fs) == free
+
+
+def test_output_that_fits_a_small_filesystem_is_written(
+    root: Path, small_fs: Path
+) -> None:
+    source = images.make_image(root, "vdi", size_mib=1, seed=8)
+    free = free_bytes_by_stat(small_fs)
+    output = small_fs / "out.qcow2"
+
+    result, _ = run_convert(root, source, "vdi", output_path=str(output))
+    assert result["free_bytes_before"] == free
+    assert result["measured_required_bytes"] <= free
+    assert images.compare(source, "vdi", str(output), "qcow2").returncode == 0
+    assert sorted(p.name for p in small_fs.iterdir()) == ["out.qcow2"]

@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from h2k.guest.daemon import Daemon
+from h2k.tools import qemu_img
 from h2k.tools.process import run_tool
 
 # A Unix socket path must fit in sun_path (108 bytes with the final NUL).
@@ -47,17 +48,17 @@ def serve(
         raise ValueError("qemu-nbd needs an absolute socket path")
     if len(socket_path.encode()) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path longer than {MAX_SOCKET_PATH} bytes")
-    argv = ["qemu-nbd", "-f", fmt]
+    if fmt in qemu_img.READ_OPTIONS:
+        # Read as convert reads it (a VHD at its footer's size, say).
+        argv = ["qemu-nbd", "--image-opts"]
+        target = qemu_img.image_opts(image, qemu_img.WIRE_FORMATS[fmt])
+    else:
+        argv = ["qemu-nbd", "-f", fmt]
+        # An absolute path never reads as a protocol prefix ("nbd:", "json:").
+        target = os.path.abspath(image)
     if read_only:
         argv.append("--read-only")
-    argv += [
-        "--persistent",
-        f"--shared={SHARED_CLIENTS}",
-        "-k",
-        socket_path,
-        # An absolute path never reads as a protocol prefix ("nbd:", "json:").
-        os.path.abspath(image),
-    ]
+    argv += ["--persistent", f"--shared={SHARED_CLIENTS}", "-k", socket_path, target]
     return Daemon(argv, cwd=cwd, log_path=log_path)
 
 

@@ -10,6 +10,10 @@ An image can make qemu-img read other files: a backing file, VMDK extents, a
 qcow2 external data file. :func:`verify_declared_format` refuses an image
 when any of them lies outside the allowed roots, before anything reads them.
 
+Some drivers are opened with read options (:data:`READ_OPTIONS`), through
+``--image-opts`` with the driver still named: a VHD's size is read from its
+footer's current size, not from its CHS geometry (see :data:`READ_OPTIONS`).
+
 Failures come back as h2k errors: :class:`~h2k.errors.ToolError` (and its
 cancelled / timed out kinds) from :func:`~h2k.tools.process.run_tool`, and
 :class:`~h2k.errors.InvalidInput` where the image or a parameter is wrong.
@@ -21,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from h2k.errors import InvalidInput, ToolError
@@ -43,6 +47,23 @@ QEMU_FORMATS: dict[str, str] = {
 }
 WIRE_FORMATS: dict[str, str] = {driver: wire for wire, driver in QEMU_FORMATS.items()}
 
+# Options h2k reads a source with, by driver (convert, compare, measure).
+#
+# vpc: a VHD footer holds the disk's size twice, as a byte count ("current
+# size") and as a CHS geometry that can only approximate it. Virtual PC sized
+# disks by the geometry; Hyper-V, Azure, disk2vhd and XenServer use the byte
+# count. qemu 7.2 picks one from the footer's creator application ("win ",
+# "qem2", "d2v ", "CTXS", "tap" and a maximal geometry mean the byte count;
+# anything else, VirtualBox's "vbox" and Virtual PC's "vpc " included, means
+# the geometry), so a VHD from a tool it does not know, whose size is not a
+# whole geometry, would be read a little short and its last sectors lost.
+# force_size_calc=current_size makes qemu use the byte count always. That
+# never drops data: the footer's byte count is what the file holds, and
+# for the images qemu itself sizes by geometry (creator "qemu") both agree.
+READ_OPTIONS: dict[str, dict[str, str]] = {
+    "vpc": {"force_size_calc": "current_size"},
+}
+
 # Metadata commands read headers only; a minute means something is wrong.
 INFO_TIMEOUT_SECONDS = 60.0
 # A backing chain deeper than this is refused rather than walked.
@@ -62,6 +83,9 @@ _VERSION = re.compile(r"version\s+(\d[^\s,()]*)")
 # "json:{...}" or "nbd://host": names qemu opens through a protocol, which
 # no path check can vouch for.
 _PROTOCOL = re.compile(r"^(json:|[A-Za-z][A-Za-z0-9+.-]*://)")
+# qemu's vhdx driver refuses to open read-only an image whose log was not
+# replayed (the VM was not shut down cleanly); replaying it writes the image.
+_DIRTY_LOG = "contains a log that needs to be replayed"
 
 
 class FormatMismatch(InvalidInput):
@@ -109,6 +133,20 @@ def last_line(exc: ToolError) -> str:
     return lines[-1] if lines else f"exit status {exc.returncode}, no message"
 
 
+def error_summary(exc: ToolError) -> str:
+    """qemu-img's own error line, even when hint lines follow it.
+
+    qemu-img prints hints after some errors (a dirty VHDX's "To replay the
+    log, run: qemu-img check -r all ..."); the last line alone would name
+    the remedy without the problem.
+    """
+    lines = [line for line in exc.stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith(f"{QEMU_IMG}:"):
+            return line
+    return last_line(exc)
+
+
 def _json_output(result_stdout: str, args: list[str]) -> Any:
     try:
         return json.loads(result_stdout)
@@ -143,6 +181,101 @@ def info(path: str, fmt: str) -> dict[str, Any]:
     if not isinstance(details, dict):
         raise ToolError(QEMU_IMG, args, 0, f"unexpected info output: {details!r}")
     return details
+
+
+def image_opts(path: str, fmt: str, field: str = "image.format") -> str:
+    """The ``--image-opts`` string that opens ``path`` as wire format ``fmt``.
+
+    The driver is always named, with its :data:`READ_OPTIONS`; the path is
+    made absolute, so qemu never reads a protocol prefix (``nbd:``) into
+    it, and its commas are doubled, as QemuOpts syntax wants.
+    """
+    driver = driver_for(fmt, field)
+    options = [f"driver={driver}"]
+    options += [f"{key}={value}" for key, value in READ_OPTIONS.get(driver, {}).items()]
+    filename = os.path.abspath(path).replace(",", ",,")
+    options.append(f"file.filename={filename}")
+    return ",".join(options)
+
+
+def has_read_options(fmt: str) -> bool:
+    """Whether h2k opens images of wire format ``fmt`` with read options."""
+    return QEMU_FORMATS.get(fmt) in READ_OPTIONS
+
+
+def _image_args(
+    images: Sequence[tuple[str, str, str]], flags: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """(options, names) opening each (path, format, field) of ``images``.
+
+    ``--image-opts`` applies to every image of a command, so when any one
+    needs read options all are given as option strings; otherwise each
+    format goes with its flag from ``flags`` (``-f``, ``-F``).
+    """
+    if any(has_read_options(fmt) for _, fmt, _ in images):
+        names = [image_opts(path, fmt, field) for path, fmt, field in images]
+        return ["--image-opts"], names
+    options: list[str] = []
+    for flag, (_, fmt, field) in zip(flags, images, strict=True):
+        options += [flag, driver_for(fmt, field)]
+    return options, [path for path, _, _ in images]
+
+
+def source_info(path: str, fmt: str) -> dict[str, Any]:
+    """``qemu-img info`` of ``path`` read as h2k reads a source.
+
+    The same as :func:`info` but for formats with :data:`READ_OPTIONS`,
+    whose virtual size may differ (a VHD's footer size, not its geometry).
+    """
+    if not has_read_options(fmt):
+        return info(path, fmt)
+    args = [QEMU_IMG, "info", "--output=json", "-U", "--image-opts"]
+    args.append(image_opts(path, fmt))
+    result = run_tool(args, timeout=INFO_TIMEOUT_SECONDS)
+    details = _json_output(result.stdout, args)
+    if not isinstance(details, dict):
+        raise ToolError(QEMU_IMG, args, 0, f"unexpected info output: {details!r}")
+    return details
+
+
+def parse_measure(text: str, args: list[str]) -> dict[str, int]:
+    """``required`` and ``fully_allocated`` bytes from ``measure --output=json``."""
+    report = _json_output(text, args)
+    try:
+        return {
+            "required": int(report["required"]),
+            "fully_allocated": int(report["fully-allocated"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ToolError(
+            QEMU_IMG, args, 0, f"unexpected measure output: {text[:200]!r}"
+        ) from exc
+
+
+def measure(
+    src: str,
+    src_fmt: str,
+    dst_fmt: str,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    timeout: float | None = None,
+) -> dict[str, int]:
+    """Bytes a conversion of ``src`` into ``dst_fmt`` will write.
+
+    ``required`` is what the output needs for the data the source holds
+    (read through its whole backing chain); ``fully_allocated`` what it
+    would need if every block were written. qemu-img 7.2's measure has no
+    compression flag: for a compressed qcow2 ``required`` is an upper bound,
+    since qemu writes a cluster that does not shrink uncompressed. For raw
+    it is the whole virtual size: qemu-img leaves zeros as holes, so the file
+    takes less at first, but it grows towards that size as the guest writes,
+    and a thin file on a full filesystem fails the guest's writes.
+    """
+    dst_driver = driver_for(dst_fmt, "parameters.output_format")
+    options, names = _image_args([(src, src_fmt, "image.format")], ["-f"])
+    args = [QEMU_IMG, "measure", "--output=json", "-O", dst_driver, *options, *names]
+    result = run_tool(args, should_stop=should_stop, timeout=timeout)
+    return parse_measure(result.stdout, args)
 
 
 def _probe_driver(path: str) -> str | None:
@@ -223,7 +356,13 @@ def verify_declared_format(
         mismatch = _mismatch(path, declared, _probe_driver(path), field)
         if mismatch is not None:
             raise mismatch from exc
-        message = f"{path} is not a readable {declared} image: {last_line(exc)}"
+        message = f"{path} is not a readable {declared} image: {error_summary(exc)}"
+        if _DIRTY_LOG in exc.stderr:
+            message += (
+                ". h2k never writes the source: shut the VM down cleanly in "
+                "Hyper-V, or replay the log on a copy with qemu-img check -r all "
+                "and convert the copy"
+            )
         raise InvalidInput(message, {field: [message]}) from exc
     if driver == "raw":
         note = " (h2k does not read a structured image as raw)"
@@ -381,9 +520,9 @@ def convert(
     limit, so a rate-limited copy runs one request at a time, which keeps
     the progress within a couple of chunks of the data written.
     """
-    src_driver = driver_for(src_fmt, "image.format")
     dst_driver = driver_for(dst_fmt, "parameters.output_format")
-    args = [QEMU_IMG, "convert", "-p", "-f", src_driver, "-O", dst_driver]
+    options, names = _image_args([(src, src_fmt, "image.format")], ["-f"])
+    args = [QEMU_IMG, "convert", "-p", *options, "-O", dst_driver]
     if compress:
         if dst_driver != "qcow2":
             message = f"compression needs qcow2 output, not {dst_fmt}"
@@ -397,7 +536,7 @@ def convert(
             message = "rate limit must be a positive number of bytes per second"
             raise InvalidInput(message, {"parameters.rate_limit_bytes": [message]})
         args += ["-r", str(rate_limit), "-m", "1"]
-    args += [src, dst]
+    args += [*names, dst]
 
     def on_line(line: str) -> None:
         percent = parse_progress(line)
@@ -473,16 +612,11 @@ def compare(
     the other, since a conversion may allocate differently. An image larger
     than the other compares equal only if its extra part reads as zeros.
     """
-    args = [
-        QEMU_IMG,
-        "compare",
-        "-f",
-        driver_for(a_fmt, "image.format"),
-        "-F",
-        driver_for(b_fmt, "parameters.output_format"),
-        a,
-        b,
-    ]
+    options, names = _image_args(
+        [(a, a_fmt, "image.format"), (b, b_fmt, "parameters.output_format")],
+        ["-f", "-F"],
+    )
+    args = [QEMU_IMG, "compare", *options, *names]
     result = run_tool(args, should_stop=should_stop, timeout=timeout, check=False)
     message = (result.stdout.strip() or result.stderr.strip()).splitlines()
     last = message[-1] if message else ""
