@@ -171,6 +171,7 @@ class InitramfsParametersSchema(ModifyingParametersSchema):
 # limitations) instead of waiting in a queue no worker serves.
 PARAMETER_SCHEMAS: dict[str, type[Schema]] = {
     "convert": ConvertParametersSchema,
+    "initramfs_regenerate": InitramfsParametersSchema,
 }
 
 

@@ -414,7 +414,9 @@ class GuestDisk:
             offset=volume.offset,
             size=volume.size,
             read_only=read_only,
-            should_stop=self._should_stop,
+            # Not stopped on cancellation: losetup may have attached the
+            # device already, and a stopped losetup never names it, so it
+            # would be left behind unrecorded. Attaching takes milliseconds.
             timeout=self._timeout,
         )
         backing = self.raw_path
@@ -426,6 +428,41 @@ class GuestDisk:
             "sizelimit": volume.size,
         }
         return device, self._hold(record, lambda: loop.detach(device, backing))
+
+    @contextlib.contextmanager
+    def attach(self, target: MountTarget, *, writable: bool = False) -> Iterator[str]:
+        """A loop device over ``target``'s byte range, unmounted; detached after.
+
+        For the tools that check or repair a volume themselves (e2fsck,
+        xfs_repair, pvck), which need a block device that nothing mounts.
+        """
+        if self._closed:
+            raise self._error(codes.SETUP_FAILED, "the guest disk session is closed")
+        if writable and not self.writable:
+            raise self._error(
+                codes.READ_ONLY,
+                "a read-only guest disk session cannot attach a writable device",
+            )
+        if isinstance(target, LogicalVolume):
+            if target.volume is None:
+                raise self._error(
+                    target.reason_code or codes.LVM_NOT_LINEAR,
+                    target.reason or f"{target.path} cannot be shown by a loop device",
+                )
+            volume = target.volume
+        elif isinstance(target, Filesystem | Partition):
+            volume = target.volume
+        else:
+            volume = target
+        device, entry = self._attach(volume, read_only=not writable)
+        try:
+            yield device
+        except BaseException:
+            self._release_from([entry])
+            raise
+        failure = self._release_from([entry])
+        if failure is not None:
+            raise failure
 
     def _filesystem_of(self, target: MountTarget) -> Filesystem:
         if isinstance(target, Filesystem):
@@ -521,5 +558,61 @@ class GuestDisk:
             self._release_from(held)
             raise
         failure = self._release_from(held)
+        if failure is not None:
+            raise failure
+
+    @contextlib.contextmanager
+    def mount_at(
+        self,
+        source: str,
+        target: str,
+        fstype: str,
+        options: Sequence[str] = (),
+    ) -> Iterator[str]:
+        """Mount ``source`` on ``target`` inside one of this session's mounts.
+
+        For what an operation mounts on top of a guest filesystem (proc,
+        sysfs, a /dev, a bind of the guest's /boot into its root, before
+        running the guest's own tools in a chroot). The mount is recorded in
+        the ledger first, so this session's teardown, or
+        :func:`h2k.guest.cleanup_stale` after a crash, unmounts it before
+        the filesystem it sits on. ``target`` must exist and contain no
+        symlink: mount would follow one out of the session.
+        """
+        if self._closed:
+            raise self._error(codes.MOUNT_FAILED, "the guest disk session is closed")
+        inside = os.path.join(self.directory, "mnt") + os.sep
+        if not target.startswith(inside) or os.path.realpath(target) != target:
+            raise self._error(
+                codes.MOUNT_FAILED,
+                f"{target} is not a directory inside a mount of this session",
+            )
+        held = self._hold(
+            {"kind": "mount", "target": target},
+            lambda: mounts.unmount(target, timeout=self._timeout),
+        )
+        try:
+            try:
+                mounts.mount(
+                    source,
+                    target,
+                    fstype,
+                    options,
+                    should_stop=self._should_stop,
+                    timeout=self._timeout,
+                )
+            except (ToolCancelled, ToolTimeout):
+                raise
+            except ToolError as exc:
+                raise self._error(
+                    codes.MOUNT_FAILED,
+                    f"cannot mount {source} ({fstype}) on {target}: {exc}",
+                    details={"stderr": exc.stderr[-2000:]},
+                ) from exc
+            yield target
+        except BaseException:
+            self._release_from([held])
+            raise
+        failure = self._release_from([held])
         if failure is not None:
             raise failure

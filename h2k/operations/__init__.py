@@ -8,6 +8,7 @@ from h2k.operations.base import Operation, OperationContext
 
 _MODULES: dict[str, str] = {
     "convert": "h2k.operations.convert",
+    "initramfs_regenerate": "h2k.operations.initramfs_regenerate",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,10 +36,24 @@ def api_url(live_app) -> Iterator[str]:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def worker(worker_factory, redis_url):  # type: ignore[no-untyped-def]
+def worker_scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the worker's guest sessions live (TMPDIR) and their ledgers."""
+    scratch = tmp_path_factory.mktemp("worker-scratch")
+    (scratch / "tmp").mkdir()
+    (scratch / "state").mkdir()
+    return scratch
+
+
+@pytest.fixture(scope="session")
+def worker(worker_factory, redis_url, worker_scratch):  # type: ignore[no-untyped-def]
     import redis
 
-    process = worker_factory("convert-1", H2K_RETRY_BACKOFF="1")
+    process = worker_factory(
+        "convert-1",
+        H2K_RETRY_BACKOFF="1",
+        TMPDIR=str(worker_scratch / "tmp"),
+        H2K_GUEST_STATE_DIR=str(worker_scratch / "state"),
+    )
     process.wait_registered(redis.Redis.from_url(redis_url))
     return process
 

@@ -14,7 +14,7 @@ import requests
 from werkzeug.serving import make_server
 
 from h2k.embedded import free_port
-from tests.e2e.conftest import wait_for, wait_terminal
+from tests.e2e.conftest import wait_terminal
 from tests.images import make_image
 
 pytestmark = pytest.mark.e2e

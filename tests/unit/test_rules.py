@@ -73,3 +73,14 @@ def test_redis_serves_lower_number_first_rabbitmq_higher() -> None:
     redis_url, amqp_url = "redis://localhost/0", "amqp://guest@localhost//"
     assert broker_priority(90, redis_url) < broker_priority(10, redis_url)
     assert broker_priority(90, amqp_url) > broker_priority(10, amqp_url)
+
+
+def test_every_runnable_operation_has_a_parameter_schema_and_back() -> None:
+    from h2k import operations
+    from h2k.capabilities import OPERATION_CAPABILITY
+    from h2k.schemas import PARAMETER_SCHEMAS
+
+    assert set(PARAMETER_SCHEMAS) == set(operations.available())
+    assert set(operations.available()) <= set(OPERATION_CAPABILITY)
+    for name in operations.available():
+        assert callable(operations.get(name))

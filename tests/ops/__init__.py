@@ -1,0 +1,1 @@
+"""Tests of the guest operations, run on real guest disks (tests/guestdisks.py)."""
