@@ -171,7 +171,9 @@ class InitramfsParametersSchema(ModifyingParametersSchema):
 # limitations) instead of waiting in a queue no worker serves.
 PARAMETER_SCHEMAS: dict[str, type[Schema]] = {
     "convert": ConvertParametersSchema,
+    "fs_repair": FsRepairParametersSchema,
     "initramfs_regenerate": InitramfsParametersSchema,
+    "lvm_repair": ModifyingParametersSchema,
 }
 
 

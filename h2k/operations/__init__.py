@@ -8,7 +8,9 @@ from h2k.operations.base import Operation, OperationContext
 
 _MODULES: dict[str, str] = {
     "convert": "h2k.operations.convert",
+    "fs_repair": "h2k.operations.fs_repair",
     "initramfs_regenerate": "h2k.operations.initramfs_regenerate",
+    "lvm_repair": "h2k.operations.lvm_repair",
 }
 
 
