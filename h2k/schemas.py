@@ -166,11 +166,14 @@ class InitramfsParametersSchema(ModifyingParametersSchema):
     )
 
 
-# One parameter schema per operation h2k can run. An operation of the
-# contract without one here is refused at submission (README: Known
-# limitations) instead of waiting in a queue no worker serves.
+# One parameter schema per operation h2k can run; an operation without one
+# is refused at submission instead of waiting in a queue no worker serves.
 PARAMETER_SCHEMAS: dict[str, type[Schema]] = {
     "convert": ConvertParametersSchema,
+    "inspect": InspectParametersSchema,
+    "offline_fix": OfflineFixParametersSchema,
+    "boot_repair": ModifyingParametersSchema,
+    "selinux_prep": ModifyingParametersSchema,
     "fs_repair": FsRepairParametersSchema,
     "initramfs_regenerate": InitramfsParametersSchema,
     "lvm_repair": ModifyingParametersSchema,

@@ -152,11 +152,49 @@ def test_invalid_spec_names_the_field_and_stores_nothing(  # type: ignore[no-unt
     assert redis_client.zcard("h2k:jobs") == before
 
 
-def test_operation_not_in_this_version_is_refused(client, vmdk):  # type: ignore[no-untyped-def]
-    error = assert_envelope(
-        client.post("/jobs", json=spec(vmdk, operation="inspect")), 422
-    )
-    assert "not available" in error["fields"]["operation"][0]
+@pytest.mark.parametrize(
+    ("operation", "parameters", "field"),
+    [
+        ("inspect", {"dry_run": True}, "parameters.dry_run"),
+        ("offline_fix", {"fixes": ["reboot"]}, "parameters.fixes.0"),
+        ("offline_fix", {"fixes": []}, "parameters.fixes"),
+        (
+            "boot_repair",
+            {"in_place": True, "output_path": "/x.qcow2"},
+            "parameters.output_path",
+        ),
+        ("fs_repair", {"filesystems": "root"}, "parameters.filesystems"),
+        ("initramfs_regenerate", {"kernels": ["../../etc"]}, "parameters.kernels.0"),
+        ("lvm_repair", {"compress": True}, "parameters.compress"),
+    ],
+)
+def test_parameters_are_checked_per_operation(  # type: ignore[no-untyped-def]
+    client, vmdk, operation, parameters, field
+):
+    body = spec(vmdk, operation=operation, parameters=parameters)
+    error = assert_envelope(client.post("/jobs", json=body), 422)
+    assert field in error["fields"], error
+
+
+@pytest.mark.parametrize(
+    ("operation", "queue"),
+    [
+        ("inspect", "mount_operations"),
+        ("offline_fix", "mount_operations"),
+        ("selinux_prep", "mount_operations"),
+        ("lvm_repair", "lvm_tools"),
+    ],
+)
+def test_guest_operations_go_to_their_capability_queue(  # type: ignore[no-untyped-def]
+    client, vmdk, operation, queue
+):
+    body = spec(vmdk, operation=operation, parameters={})
+    response = client.post("/jobs", json=body)
+    assert response.status_code == 201, response.get_data(as_text=True)
+    job = client.get(f"/jobs/{body['job_id']}").get_json()
+    assert job["queue"] == queue
+    assert job["spec"]["execution_policy"]["idempotent"] is (operation == "inspect")
+    client.delete(f"/jobs/{body['job_id']}")
 
 
 @pytest.mark.parametrize(

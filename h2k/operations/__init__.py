@@ -8,6 +8,10 @@ from h2k.operations.base import Operation, OperationContext
 
 _MODULES: dict[str, str] = {
     "convert": "h2k.operations.convert",
+    "inspect": "h2k.operations.inspect",
+    "offline_fix": "h2k.operations.offline_fix",
+    "boot_repair": "h2k.operations.boot_repair",
+    "selinux_prep": "h2k.operations.selinux_prep",
     "fs_repair": "h2k.operations.fs_repair",
     "initramfs_regenerate": "h2k.operations.initramfs_regenerate",
     "lvm_repair": "h2k.operations.lvm_repair",

@@ -77,7 +77,8 @@ def test_inspect_reports_the_guest_and_changes_nothing(  # type: ignore[no-untyp
     assert job["state"] == "COMPLETED", job
     assert job["queue"] == "mount_operations"
     result = job["result"]
-    assert result["guest"]["os"]["id"] == "rocky"
+    assert result["os"]["distribution"] == "rocky"
+    assert result["os"]["version"] == "9.3"
     fixes = {change["fix"] for change in result["changes_needed"]}
     assert {"fstab", "network", "vmware_tools"} <= fixes
     assert sha256(rocky.image) == before
@@ -167,4 +168,48 @@ def test_lvm_repair_restores_damaged_metadata(  # type: ignore[no-untyped-def]
     assert group["state_after"] == "clean"
     assert group["backup"]["text"]
     assert job["queue"] == "lvm_tools"
+    assert_nothing_left(worker_scratch)
+
+
+def test_boot_repair_and_selinux_prep_in_place(  # type: ignore[no-untyped-def]
+    api_url, worker, worker_scratch, folder, tmp_path
+):
+    (folder / "boot").mkdir(exist_ok=True)
+    guest = guestdisks.rhel_guest(str(folder / "boot"), name="rocky-boot")
+
+    boot = wait_terminal(
+        api_url, submit(api_url, "boot_repair", guest.image, in_place=True)
+    )
+    selinux = wait_terminal(
+        api_url, submit(api_url, "selinux_prep", guest.image, in_place=True)
+    )
+
+    assert boot["state"] == "COMPLETED", boot
+    assert selinux["state"] == "COMPLETED", selinux
+    assert selinux["result"]["selinux"] == "enforcing"
+    assert selinux["result"]["relabel_scheduled"] is True
+    raw = guestdisks.to_raw(guest.image, "vmdk", str(tmp_path))
+    assert guestdisks.exists(raw, guest.root, "/.autorelabel")
+    grub = guestdisks.read_file(raw, guest.root, "/etc/default/grub")
+    assert grub is not None and "root=/dev/sda" not in grub
+    assert_nothing_left(worker_scratch)
+
+
+def test_initramfs_regenerate_adds_virtio(  # type: ignore[no-untyped-def]
+    api_url, worker, worker_scratch, folder
+):
+    (folder / "initramfs").mkdir(exist_ok=True)
+    disk = initramfsdisks.debian_disk(str(folder / "initramfs"), separate_boot=True)
+    job = wait_terminal(
+        api_url, submit(api_url, "initramfs_regenerate", disk.image), timeout=300
+    )
+
+    assert job["state"] == "COMPLETED", job
+    result = job["result"]
+    assert result["tool"] == "update-initramfs"
+    for kernel in result["kernels"]:
+        assert kernel["sha256_after"] != kernel["sha256_before"]
+        found = set(kernel["verification"]["modules_in_image"])
+        assert {"virtio_blk", "virtio_scsi", "virtio_net", "virtio_pci"} <= found
+    assert os.path.exists(result["output"]["path"])
     assert_nothing_left(worker_scratch)
