@@ -341,13 +341,18 @@ class SystemInfoSchema(Schema):
     disk_space_mb = fields.Integer(strict=True, validate=validate.Range(min=0))
 
 
-class WorkerRegistrationSchema(StrictSchema):
+class DequeueRequestSchema(StrictSchema):
+    """A polling worker: who it is and what it can do."""
+
     worker_id = fields.String(required=True, validate=job_id_field)
     capabilities = fields.List(
         fields.String(validate=validate.OneOf(QUEUES)), required=True
     )
-    system_info = fields.Nested(SystemInfoSchema, load_default=dict)
     execution_mode = fields.String(validate=execution_mode_rule)
+
+
+class WorkerRegistrationSchema(DequeueRequestSchema):
+    system_info = fields.Nested(SystemInfoSchema, load_default=dict)
 
 
 class WorkerRegisteredSchema(Schema):
@@ -388,14 +393,6 @@ class QueueStatusSchema(Schema):
     total_jobs = fields.Integer()
     by_priority = fields.Dict(keys=fields.String(), values=fields.Integer())
     by_queue = fields.Dict(keys=fields.String(), values=fields.Integer())
-
-
-class DequeueRequestSchema(StrictSchema):
-    worker_id = fields.String(required=True, validate=job_id_field)
-    capabilities = fields.List(
-        fields.String(validate=validate.OneOf(QUEUES)), required=True
-    )
-    execution_mode = fields.String(validate=execution_mode_rule)
 
 
 class HealthSchema(Schema):
