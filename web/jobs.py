@@ -67,7 +67,7 @@ class Jobs(MethodView):
     def get(self, query: dict[str, Any]) -> Any:
         """List jobs, newest first"""
         state = JobState(query["state"]) if "state" in query else None
-        total, jobs, cursor = services().jobs.list(
+        total, jobs, cursor = services().jobs.list_jobs(
             state, query["limit"], query.get("cursor")
         )
         return {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -55,6 +55,11 @@ def stream_id_key(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
+    # decode_responses: every id, field and value is a str.
+    return cast(list[tuple[str, dict[str, str]]], reply or [])
+
+
 class EventLog:
     def __init__(self, client: redis.Redis):
         self.redis = client
@@ -63,7 +68,7 @@ class EventLog:
         """Every event after ``event_id`` (all of them when None)."""
         start = "-" if event_id is None else f"({event_id}"
         with redis_errors():
-            rows = self.redis.xrange(stream_key(job_id), min=start, max="+")
+            rows = _entries(self.redis.xrange(stream_key(job_id), min=start, max="+"))
         return [
             StoredEvent(entry_id, fields["type"], json.loads(fields["data"]))
             for entry_id, fields in rows
@@ -77,7 +82,7 @@ class EventLog:
         if since is not None:
             start = str(int((since - CLOCK_SKEW).timestamp() * 1000))
         with redis_errors():
-            rows = self.redis.xrange(stream_key(job_id), min=start, max="+")
+            rows = _entries(self.redis.xrange(stream_key(job_id), min=start, max="+"))
         events = [
             json.loads(fields["data"])
             for _, fields in rows

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -131,14 +131,14 @@ class JobStore:
 
     def get(self, job_id: str) -> dict[str, Any]:
         with redis_errors():
-            raw = self.redis.hgetall(self._key(job_id))
+            raw = cast(dict[str, str], self.redis.hgetall(self._key(job_id)))
         if not raw:
             raise NotFound(f"Job {job_id} not found")
         return _decode_job(raw)
 
     def state(self, job_id: str) -> JobState:
         with redis_errors():
-            value = self.redis.hget(self._key(job_id), "state")
+            value = cast(str | None, self.redis.hget(self._key(job_id), "state"))
         if value is None:
             raise NotFound(f"Job {job_id} not found")
         return JobState(value)
@@ -213,7 +213,7 @@ class JobStore:
             )
         return event_id or None
 
-    def list(
+    def list_jobs(
         self, state: JobState | None = None, limit: int = 100, cursor: int | None = None
     ) -> tuple[int, list[dict[str, Any]], int | None]:
         """Newest first, from the index; returns (total, jobs, next cursor)."""
@@ -221,8 +221,11 @@ class JobStore:
         upper = "+inf" if cursor is None else f"({cursor}"
         with redis_errors():
             total = self.redis.zcard(index)
-            ids = self.redis.zrevrangebyscore(
-                index, upper, "-inf", start=0, num=limit + 1, withscores=True
+            ids = cast(
+                list[tuple[str, float]],
+                self.redis.zrevrangebyscore(
+                    index, upper, "-inf", start=0, num=limit + 1, withscores=True
+                ),
             )
             page = ids[:limit]
             pipe = self.redis.pipeline(transaction=False)
@@ -249,7 +252,7 @@ class JobStore:
     def queue_position(self, job_id: str, queue: str) -> int | None:
         """1 for the next job a worker of ``queue`` takes; None if not queued."""
         with redis_errors():
-            rank = self.redis.zrank(f"{PREFIX}queued:{queue}", job_id)
+            rank = cast(int | None, self.redis.zrank(f"{PREFIX}queued:{queue}", job_id))
         return None if rank is None else rank + 1
 
     def queued_heads(self, queues: list[str], count: int = 10) -> list[str]:

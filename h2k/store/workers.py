@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -56,7 +56,8 @@ class WorkerRegistry:
         }
         with redis_errors():
             pipe = self.redis.pipeline()
-            pipe.hset(_key(worker_id), mapping=fields)
+            # redis-py types the mapping with an invariant key union.
+            pipe.hset(_key(worker_id), mapping=cast(Any, fields))
             pipe.zadd(INDEX, {worker_id: now.timestamp()})
             pipe.execute()
         return self.get(worker_id)
@@ -80,14 +81,14 @@ class WorkerRegistry:
 
     def get(self, worker_id: str) -> dict[str, Any]:
         with redis_errors():
-            raw = self.redis.hgetall(_key(worker_id))
+            raw = cast(dict[str, str], self.redis.hgetall(_key(worker_id)))
         if not raw:
             raise NotFound(f"Worker {worker_id} not found")
         return _decode(raw, self.stale_after, time.time())
 
     def all(self) -> list[dict[str, Any]]:
         with redis_errors():
-            ids = self.redis.zrevrange(INDEX, 0, -1)
+            ids = cast(list[str], self.redis.zrevrange(INDEX, 0, -1))
             pipe = self.redis.pipeline(transaction=False)
             for worker_id in ids:
                 pipe.hgetall(_key(worker_id))
