@@ -100,6 +100,8 @@ def test_h2k_up_runs_the_whole_stack(tmp_path: Path) -> None:
             text = requests.get(f"{api}/metrics", timeout=5).text
             totals.update(x for x in text.splitlines() if x.startswith(completed))
         assert len(totals) == 1 and totals.pop().endswith(" 1.0")
+        # HTTP metrics of every gunicorn process, merged (multiprocess mode).
+        assert 'flask_http_request_total{method="GET",status="200"}' in text
 
         # Flower lists the task under the job's id.
         deadline = time.monotonic() + 60
