@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from h2k.errors import H2KError
 from h2k.guest import fstypes, ledger, loop, lvm, mounts, nbd, release
 from h2k.guest.daemon import Daemon
 from h2k.guest.volume import Volume
+from h2k.tools.checksum import sha256_file
 from h2k.tools.process import run_tool
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,6 @@ class _Unavailable(Exception):
 def available(reports: dict[str, CapabilityReport]) -> list[str]:
     """The names of the available capabilities, in rising privilege order."""
     return [name for name in ORDER if name in reports and reports[name].available]
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Probe:
@@ -182,8 +174,8 @@ class _Probe:
             raise _Unavailable("qemu-nbd --read-only serves a writable export")
         copy = self.path("copy.raw")
         self.tool(["nbdcopy", uri, copy])
-        expected = _sha256(self.raw)
-        if _sha256(copy) != expected:
+        expected = sha256_file(self.raw)
+        if sha256_file(copy) != expected:
             raise _Unavailable("nbdcopy read other bytes than the image holds")
         self.fuse_raw = self._expose(expected)
         return ", ".join(versions)
@@ -203,7 +195,7 @@ class _Probe:
         self.stack.callback(_quietly, _unexpose, view, mountpoint)
         raw = os.path.join(mountpoint, "disk.raw")
         nbd.wait_exposed(view, self.path("nbdfuse.pid"), raw, timeout=self.left())
-        if _sha256(raw) != expected:
+        if sha256_file(raw) != expected:
             raise _Unavailable("the nbdfuse file holds other bytes than the image")
         return raw
 

@@ -18,10 +18,11 @@ bytes, independently of h2k.
 For the tests of the guest operations it also has what they share:
 :func:`ops_environment` (a private root with the sessions' work and state
 dirs, checked afterwards for leftover mounts, loop devices, FUSE mounts and
-processes), :class:`OpsEnv` to build an :class:`OperationContext`,
-:class:`Recorder` for progress events, and the independent readers
-(:func:`to_raw`, :func:`read_file`, :func:`partition_regions`,
-:func:`differing_ranges`, :func:`qemu_img_compare`, :func:`system_yaml`).
+processes), :class:`OpsEnv` to build an :class:`OperationContext` (its
+progress events kept by :class:`tests.recording.Recorder`), and the
+independent readers (:func:`to_raw`, :func:`read_file`,
+:func:`partition_regions`, :func:`differing_ranges`, :func:`qemu_img_compare`,
+:func:`system_yaml`).
 
 Builders: :func:`rhel_guest` (GPT, separate /boot, SELinux enforcing,
 dracut, ifcfg/NetworkManager), :func:`debian_guest` (GPT with a BIOS boot
@@ -38,7 +39,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,13 +47,18 @@ from h2k.operations.base import OperationContext
 from tests.guest.builders import (
     LINUX_FS_GUID,
     LINUX_LVM_GUID,
-    LVM_CONFIG_TAIL,
     MiB,
     convert,
+    loop_device,
+    lvm,
+    pe_start,
     run,
+    sfdisk_partitions,
     sparse_file,
 )
-from tests.guest.leaks import Leftovers, leftovers
+from tests.guest.builders import to_raw as to_raw
+from tests.guest.leaks import Leftovers, assert_clean, isolate_sessions, leftovers
+from tests.recording import Recorder
 
 BIOS_BOOT_GUID = "21686148-6449-6E6F-744E-656564454649"
 LINUX_SWAP_GUID = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"
@@ -457,11 +462,7 @@ def _mkswap(directory: str, raw: str, region: Region, uuid: str) -> None:
 def _partition(raw: str, size: int, rows: list[str]) -> dict[int, Region]:
     sparse_file(raw, size)
     run("sfdisk", "-q", raw, input="label: gpt\n" + "".join(f"{r}\n" for r in rows))
-    table = json.loads(run("sfdisk", "--json", raw))["partitiontable"]
-    return {
-        index + 1: Region(int(p["start"]) * 512, int(p["size"]) * 512)
-        for index, p in enumerate(table["partitions"])
-    }
+    return partition_regions(raw)
 
 
 def _finish(directory: str, raw: str, name: str) -> str:
@@ -510,33 +511,66 @@ def rhel_guest(
         boot_uuid=RHEL_BOOT_UUID,
         selinux=selinux,
     )
+    return _rhel_disk(
+        directory,
+        raw,
+        name,
+        flavour="rhel",
+        parts=parts,
+        placed=(parts[2], parts[3]),
+        uuids=(RHEL_BOOT_UUID, RHEL_ROOT_UUID, RHEL_SWAP_UUID),
+        root_tree=root_tree,
+        boot_files=(search_uuid, cmdline),
+    )
+
+
+def _rhel_disk(
+    directory: str,
+    raw: str,
+    name: str,
+    *,
+    flavour: str,
+    parts: dict[int, Region],
+    placed: tuple[Region, Region],
+    uuids: tuple[str, str, str],
+    root_tree: Tree,
+    boot_files: tuple[str, str],
+) -> BuiltGuest:
+    """A Rocky guest's filesystems written and the disk converted.
+
+    /boot is partition 1; ``placed`` are the root's and the swap's regions;
+    ``uuids`` those of /boot, the root and the swap; ``boot_files`` the UUID
+    grub.cfg searches for and the kernel command line.
+    """
+    root, swap = placed
+    boot_uuid, root_uuid, swap_uuid = uuids
     boot_tree = Tree()
-    rhel_boot_files(boot_tree, "", search_uuid, cmdline)
+    rhel_boot_files(boot_tree, "", *boot_files)
     _mkfs(
         raw,
         parts[1],
         label="boot",
-        uuid=RHEL_BOOT_UUID,
+        uuid=boot_uuid,
         tree=boot_tree.stage(os.path.join(directory, "stage-boot")),
     )
     _mkfs(
         raw,
-        parts[2],
+        root,
         label="root",
-        uuid=RHEL_ROOT_UUID,
+        uuid=root_uuid,
         tree=root_tree.stage(os.path.join(directory, "stage-root")),
     )
-    _mkswap(directory, raw, parts[3], RHEL_SWAP_UUID)
+    _mkswap(directory, raw, swap, swap_uuid)
     return BuiltGuest(
         image=_finish(directory, raw, name),
         fmt="vmdk",
         raw=raw,
-        flavour="rhel",
-        root=parts[2],
-        root_uuid=RHEL_ROOT_UUID,
+        flavour=flavour,
+        root=root,
+        root_uuid=root_uuid,
         boot=parts[1],
-        boot_uuid=RHEL_BOOT_UUID,
-        swap_uuid=RHEL_SWAP_UUID,
+        boot_uuid=boot_uuid,
+        swap_uuid=swap_uuid,
         kernel=RHEL_KERNEL,
         mac=RHEL_MAC,
         partitions=parts,
@@ -777,60 +811,19 @@ def debian_guest(directory: str, *, name: str = "ubuntu") -> BuiltGuest:
 # Rocky Linux with its root on LVM.
 
 
-def _lvm(loop: str, system_dir: str, *argv: str) -> str:
-    config = (
-        f'devices{{use_devicesfile=0 hints="none" filter=["a|^{loop}$|", "r|.*|"]}} '
-        f"{LVM_CONFIG_TAIL}"
-    )
-    return run(
-        argv[0],
-        "--driverloaded",
-        "n",
-        "--nolocking",
-        "--config",
-        config,
-        *argv[1:],
-        env={"LVM_SYSTEM_DIR": system_dir, "LVM_SUPPRESS_FD_WARNINGS": "1"},
-    )
-
-
 def _make_volume_group(directory: str, raw: str, pv: Region) -> int:
     """VG "rl" on ``pv`` with LVs root (32 MiB) and swap (8 MiB); pe_start."""
     system_dir = os.path.join(directory, "lvm-system")
     os.makedirs(system_dir, exist_ok=True)
-    loop = run(
-        "losetup",
-        "--find",
-        "--show",
-        "--offset",
-        str(pv.offset),
-        "--sizelimit",
-        str(pv.size),
-        raw,
-    ).strip()
     inactive = ("--activate", "n", "--zero", "n")
-    try:
-        _lvm(loop, system_dir, "pvcreate", loop)
-        _lvm(loop, system_dir, "vgcreate", "-s", "4M", "rl", loop)
-        _lvm(loop, system_dir, "lvcreate", *inactive, "-L", "32M", "-n", "root", "rl")
-        _lvm(loop, system_dir, "lvcreate", *inactive, "-L", "8M", "-n", "swap", "rl")
-        report = _lvm(
-            loop,
-            system_dir,
-            "pvs",
-            "--readonly",
-            "--reportformat",
-            "json",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            "pe_start",
-        )
-    finally:
-        run("losetup", "--detach", loop)
+    with loop_device(raw, pv.offset, pv.size) as loop:
+        lvm(loop, system_dir, "pvcreate", loop)
+        lvm(loop, system_dir, "vgcreate", "-s", "4M", "rl", loop)
+        lvm(loop, system_dir, "lvcreate", *inactive, "-L", "32M", "-n", "root", "rl")
+        lvm(loop, system_dir, "lvcreate", *inactive, "-L", "8M", "-n", "swap", "rl")
+        first = pe_start(loop, system_dir)
     shutil.rmtree(system_dir, ignore_errors=True)
-    return int(json.loads(report)["report"][0]["pv"][0]["pe_start"])
+    return first
 
 
 def lvm_guest(directory: str, *, name: str = "rocky-lvm") -> BuiltGuest:
@@ -851,8 +844,8 @@ def lvm_guest(directory: str, *, name: str = "rocky-lvm") -> BuiltGuest:
             f"start=34816, size=94208, type={LINUX_LVM_GUID}",
         ],
     )
-    pe_start = _make_volume_group(directory, raw, parts[2])
-    root = Region(parts[2].offset + pe_start, 32 * MiB)
+    first_extent = _make_volume_group(directory, raw, parts[2])
+    root = Region(parts[2].offset + first_extent, 32 * MiB)
     swap = Region(root.end, 8 * MiB)
     cmdline = (
         "root=/dev/mapper/rl-root ro crashkernel=auto resume=/dev/mapper/rl-swap "
@@ -865,36 +858,16 @@ def lvm_guest(directory: str, *, name: str = "rocky-lvm") -> BuiltGuest:
         separate_boot=True,
         boot_uuid=LVM_BOOT_UUID,
     )
-    boot_tree = Tree()
-    rhel_boot_files(boot_tree, "", LVM_BOOT_UUID, cmdline)
-    _mkfs(
+    return _rhel_disk(
+        directory,
         raw,
-        parts[1],
-        label="boot",
-        uuid=LVM_BOOT_UUID,
-        tree=boot_tree.stage(os.path.join(directory, "stage-boot")),
-    )
-    _mkfs(
-        raw,
-        root,
-        label="root",
-        uuid=LVM_ROOT_UUID,
-        tree=root_tree.stage(os.path.join(directory, "stage-root")),
-    )
-    _mkswap(directory, raw, swap, LVM_SWAP_UUID)
-    return BuiltGuest(
-        image=_finish(directory, raw, name),
-        fmt="vmdk",
-        raw=raw,
+        name,
         flavour="rhel-lvm",
-        root=root,
-        root_uuid=LVM_ROOT_UUID,
-        boot=parts[1],
-        boot_uuid=LVM_BOOT_UUID,
-        swap_uuid=LVM_SWAP_UUID,
-        kernel=RHEL_KERNEL,
-        mac=RHEL_MAC,
-        partitions=parts,
+        parts=parts,
+        placed=(root, swap),
+        uuids=(LVM_BOOT_UUID, LVM_ROOT_UUID, LVM_SWAP_UUID),
+        root_tree=root_tree,
+        boot_files=(LVM_BOOT_UUID, cmdline),
     )
 
 
@@ -929,13 +902,6 @@ def blank_disk(directory: str, *, name: str = "blank") -> str:
 
 
 # Reading results back, independently of h2k.
-
-
-def to_raw(image: str, fmt: str, directory: str) -> str:
-    """``image`` converted to raw with qemu-img (an overlay reads its backing)."""
-    raw = os.path.join(directory, os.path.basename(image) + ".check.raw")
-    run("qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw)
-    return raw
 
 
 def debugfs(raw: str, region: Region, command: str) -> str:
@@ -973,14 +939,7 @@ def blkid_uuid(raw: str, region: Region) -> str:
 
 def partition_regions(raw: str) -> dict[int, Region]:
     """The partitions of ``raw`` in bytes, as ``sfdisk --json`` reads them."""
-    table = json.loads(run("sfdisk", "--json", raw))["partitiontable"]
-    sector = int(table.get("sectorsize", 512))
-    return {
-        int(re.search(r"(\d+)$", p["node"]).group(1)): Region(
-            int(p["start"]) * sector, int(p["size"]) * sector
-        )
-        for p in table["partitions"]
-    }
+    return {n: Region(*extent) for n, extent in sfdisk_partitions(raw).items()}
 
 
 def differing_ranges(first: str, second: str, chunk: int = 4096) -> list[Region]:
@@ -1055,36 +1014,6 @@ def system_yaml_available() -> bool:
 # Running operations the way a worker does, and checking what they leave.
 
 
-class Recorder:
-    """A reporter that keeps every progress event, as the job store would."""
-
-    def __init__(self, on_event: Callable[[dict[str, Any]], None] | None = None):
-        self.events: list[dict[str, Any]] = []
-        self.on_event = on_event
-
-    def __call__(
-        self,
-        phase: str,
-        percentage: int | None,
-        message: str,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        event = {
-            "phase": phase,
-            "percentage": percentage,
-            "message": message,
-            "details": dict(details or {}),
-        }
-        self.events.append(event)
-        if self.on_event is not None:
-            self.on_event(event)
-
-    @property
-    def phases(self) -> list[str]:
-        """The phases in the order they were first entered."""
-        return list(dict.fromkeys(e["phase"] for e in self.events))
-
-
 @dataclass
 class OpsEnv:
     """A test's private root: images, the sessions' work and state dirs."""
@@ -1149,10 +1078,6 @@ def ops_environment(
     env = OpsEnv(root, os.path.join(root, "work"), os.path.join(root, "state"))
     os.makedirs(env.workdir)
     os.makedirs(env.state_dir)
-    monkeypatch.setenv("H2K_GUEST_STATE_DIR", env.state_dir)
-    monkeypatch.setattr(tempfile, "tempdir", env.workdir)
+    isolate_sessions(monkeypatch, env.workdir, env.state_dir)
     yield env
-    found = env.leftovers()
-    assert found.empty, found
-    assert os.listdir(env.workdir) == []
-    assert os.listdir(env.state_dir) == []
+    assert_clean(env.root, env.workdir, env.state_dir)

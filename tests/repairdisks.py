@@ -12,14 +12,12 @@ independently. Images stay small and sparse (tens of MiB).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +32,17 @@ from tests.guest.builders import (
     LVM_CONFIG_TAIL,
     XFS_SMALL_ENV,
     MiB,
+    attach_loop,
     convert,
     guest_tree,
+    loop_device,
     run,
+    sfdisk_partitions,
     sparse_file,
+    to_raw,
 )
-from tests.guest.leaks import leftovers
+from tests.guest.leaks import assert_clean, isolate_sessions
+from tests.recording import Recorder
 
 SECTOR = 512
 BROKEN_UUID = "0e5a1b2c-3d4e-4f50-8a61-7b8c9d0e1f20"
@@ -196,16 +199,7 @@ class Lvm:
         os.makedirs(system_dir, exist_ok=True)
 
     def attach(self, offset: int, size: int) -> str:
-        loop = run(
-            "losetup",
-            "--find",
-            "--show",
-            "--offset",
-            str(offset),
-            "--sizelimit",
-            str(size),
-            self.raw,
-        ).strip()
+        loop = attach_loop(self.raw, offset, size)
         self.loops.append(loop)
         return loop
 
@@ -444,50 +438,6 @@ def copy_disk(disk: Disk, directory: str) -> Disk:
 # Running an operation, and checking what it left, without h2k's help.
 
 
-class Recorder:
-    """A reporter that keeps every event, as the job store would."""
-
-    def __init__(self, on_event: Callable[[dict[str, Any]], None] | None = None):
-        self.events: list[dict[str, Any]] = []
-        self.on_event = on_event
-
-    def __call__(
-        self,
-        phase: str,
-        percentage: int | None,
-        message: str,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        event = {
-            "phase": phase,
-            "percentage": percentage,
-            "message": message,
-            "details": dict(details or {}),
-        }
-        self.events.append(event)
-        if self.on_event is not None:
-            self.on_event(event)
-
-    def of(self, phase: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["phase"] == phase]
-
-
-class StopAfter:
-    """A should_stop that turns true once an event of ``phase`` was reported."""
-
-    def __init__(self, phase: str | None = None):
-        self.phase = phase
-        self.stop = False
-        self.recorder = Recorder(self._seen)
-
-    def _seen(self, event: dict[str, Any]) -> None:
-        if self.phase is None or event["phase"] == self.phase:
-            self.stop = True
-
-    def __call__(self) -> bool:
-        return self.stop
-
-
 @dataclass
 class Workspace:
     """An allowed root for images and outputs, and the guest layer's own dirs."""
@@ -532,10 +482,7 @@ class Workspace:
 
     def check_clean(self) -> None:
         """No mount, loop device, FUSE mount, process or session file is left."""
-        found = leftovers(str(self.base))
-        assert found.empty, found
-        assert os.listdir(self.work) == []
-        assert os.listdir(self.state) == []
+        assert_clean(str(self.base), str(self.work), str(self.state))
         assert not [name for name in self.files() if name.endswith(".part")]
 
 
@@ -547,52 +494,25 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Works
     )
     for path in (space.root, space.work, space.state):
         path.mkdir()
-    monkeypatch.setenv("H2K_GUEST_STATE_DIR", str(space.state))
-    monkeypatch.setattr(tempfile, "tempdir", str(space.work))
+    isolate_sessions(monkeypatch, str(space.work), str(space.state))
     yield space
     space.check_clean()
 
 
-def raw_copy(image: str, fmt: str, directory: str) -> str:
-    """The image's data as a raw file, read by qemu-img (backing chain included)."""
-    raw = os.path.join(directory, os.path.basename(image) + ".check.raw")
-    run("qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw)
-    return raw
-
-
-def partitions(raw: str) -> dict[int, tuple[int, int]]:
-    """Partition number -> (start, size) in bytes, from ``sfdisk --json``."""
-    table = json.loads(run("sfdisk", "--json", raw))["partitiontable"]
-    sector = int(table.get("sectorsize", SECTOR))
-    found = {}
-    for row in table["partitions"]:
-        number = int(re.search(r"(\d+)$", row["node"]).group(1))  # type: ignore[union-attr]
-        found[number] = (int(row["start"]) * sector, int(row["size"]) * sector)
-    return found
+# The names the end-to-end tests read results back with.
+raw_copy = to_raw
+partitions = sfdisk_partitions
 
 
 def check_range(tool: list[str], raw: str, offset: int, size: int) -> int:
     """``tool`` on a read-only loop over ``size`` bytes at ``offset``; its status."""
-    loop = run(
-        "losetup",
-        "--find",
-        "--show",
-        "--read-only",
-        "--offset",
-        str(offset),
-        "--sizelimit",
-        str(size),
-        raw,
-    ).strip()
-    try:
+    with loop_device(raw, offset, size, read_only=True) as loop:
         done = subprocess.run(
             [*tool, loop],
             capture_output=True,
             text=True,
             env=dict(os.environ, LC_ALL="C"),
         )
-    finally:
-        subprocess.run(["losetup", "--detach", loop], check=True)
     return done.returncode
 
 

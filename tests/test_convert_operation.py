@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +21,10 @@ from h2k.operations import codes, convert
 from h2k.operations.base import OperationContext
 from h2k.tools import checksum, qemu_img
 from tests import images
+from tests.recording import Recorder
 
 SOURCE_FORMATS = ["vmdk", "vhdx", "vdi", "vhd", "qcow2"]
 PHASES = ["validation", "conversion", "verification", "finalize"]
-
-
-class Recorder:
-    """A reporter that keeps every event, as the job store would."""
-
-    def __init__(self, on_event: Callable[[dict[str, Any]], None] | None = None):
-        self.events: list[dict[str, Any]] = []
-        self.on_event = on_event
-
-    def __call__(
-        self,
-        phase: str,
-        percentage: int | None,
-        message: str,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        event = {
-            "phase": phase,
-            "percentage": percentage,
-            "message": message,
-            "details": dict(details or {}),
-        }
-        self.events.append(event)
-        if self.on_event is not None:
-            self.on_event(event)
-
-    def of(self, phase: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["phase"] == phase]
 
 
 @pytest.fixture

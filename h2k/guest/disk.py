@@ -289,6 +289,22 @@ class GuestDisk:
         if failure is not None and raising:
             raise failure
 
+    @contextlib.contextmanager
+    def _released(self, held: list[_Held]) -> Iterator[None]:
+        """Release ``held`` (it may grow inside) when the block ends, last first.
+
+        An error inside wins over one in the release; the session's teardown
+        tries again what could not be released.
+        """
+        try:
+            yield
+        except BaseException:
+            self._release_from(held)
+            raise
+        failure = self._release_from(held)
+        if failure is not None:
+            raise failure
+
     def _release_from(self, held: Sequence[_Held]) -> OperationError | None:
         """Release ``held`` last first; the error that stopped it, if one did."""
         for entry in reversed(held):
@@ -358,8 +374,8 @@ class GuestDisk:
         if not members:
             return [], []
         loops: dict[str, Volume] = {}
-        held = []
-        try:
+        held: list[_Held] = []
+        with self._released(held):
             for volume in members:
                 device, entry = self._attach(volume, read_only=True)
                 held.append(entry)
@@ -370,12 +386,6 @@ class GuestDisk:
                 should_stop=self._should_stop,
                 timeout=self._timeout,
             )
-        except BaseException:
-            self._release_from(held)
-            raise
-        failure = self._release_from(held)
-        if failure is not None:
-            raise failure
         return found
 
     def physical_volumes(self) -> list[PhysicalVolume]:
@@ -443,41 +453,27 @@ class GuestDisk:
                 codes.READ_ONLY,
                 "a read-only guest disk session cannot attach a writable device",
             )
+        device, entry = self._attach(self._volume_of(target), read_only=not writable)
+        with self._released([entry]):
+            yield device
+
+    def _volume_of(self, target: MountTarget) -> Volume:
+        """The byte range of ``target``; an LV no loop device can show is refused."""
         if isinstance(target, LogicalVolume):
             if target.volume is None:
                 raise self._error(
                     target.reason_code or codes.LVM_NOT_LINEAR,
                     target.reason or f"{target.path} cannot be shown by a loop device",
                 )
-            volume = target.volume
-        elif isinstance(target, Filesystem | Partition):
-            volume = target.volume
-        else:
-            volume = target
-        device, entry = self._attach(volume, read_only=not writable)
-        try:
-            yield device
-        except BaseException:
-            self._release_from([entry])
-            raise
-        failure = self._release_from([entry])
-        if failure is not None:
-            raise failure
+            return target.volume
+        if isinstance(target, Filesystem | Partition):
+            return target.volume
+        return target
 
     def _filesystem_of(self, target: MountTarget) -> Filesystem:
         if isinstance(target, Filesystem):
             return target
-        if isinstance(target, LogicalVolume):
-            if target.volume is None:
-                raise self._error(
-                    target.reason_code or codes.LVM_NOT_LINEAR,
-                    target.reason or f"{target.path} cannot be shown by a loop device",
-                )
-            volume = target.volume
-        elif isinstance(target, Partition):
-            volume = target.volume
-        else:
-            volume = target
+        volume = self._volume_of(target)
         found = self._probe(volume)
         if found is None:
             raise self._error(
@@ -516,8 +512,8 @@ class GuestDisk:
         kernel_type, mount_options = chosen
         self._mounts += 1
         mountpoint = os.path.join(self.directory, "mnt", str(self._mounts))
-        held = []
-        try:
+        held: list[_Held] = []
+        with self._released(held):
             device, loop_entry = self._attach(fs.volume, read_only=not writable)
             held.append(loop_entry)
 
@@ -528,23 +524,13 @@ class GuestDisk:
 
             held.append(self._hold({"kind": "mount", "target": mountpoint}, unmount))
             os.mkdir(mountpoint, 0o700)
-            try:
-                mounts.mount(
-                    device,
-                    mountpoint,
-                    kernel_type,
-                    [*mount_options, *options],
-                    should_stop=self._should_stop,
-                    timeout=self._timeout,
-                )
-            except (ToolCancelled, ToolTimeout):
-                raise
-            except ToolError as exc:
-                raise self._error(
-                    codes.MOUNT_FAILED,
-                    f"cannot mount {fs.volume.source} ({fs.type}): {exc}",
-                    details={"stderr": exc.stderr[-2000:]},
-                ) from exc
+            self._mount(
+                device,
+                mountpoint,
+                kernel_type,
+                [*mount_options, *options],
+                f"{fs.volume.source} ({fs.type})",
+            )
             log.info(
                 "mounted %s (%s) %s at %s",
                 fs.volume.source,
@@ -553,13 +539,6 @@ class GuestDisk:
                 mountpoint,
             )
             yield mountpoint
-        except BaseException:
-            # The original error wins; the session's teardown tries again.
-            self._release_from(held)
-            raise
-        failure = self._release_from(held)
-        if failure is not None:
-            raise failure
 
     @contextlib.contextmanager
     def mount_at(
@@ -591,28 +570,35 @@ class GuestDisk:
             {"kind": "mount", "target": target},
             lambda: mounts.unmount(target, timeout=self._timeout),
         )
-        try:
-            try:
-                mounts.mount(
-                    source,
-                    target,
-                    fstype,
-                    options,
-                    should_stop=self._should_stop,
-                    timeout=self._timeout,
-                )
-            except (ToolCancelled, ToolTimeout):
-                raise
-            except ToolError as exc:
-                raise self._error(
-                    codes.MOUNT_FAILED,
-                    f"cannot mount {source} ({fstype}) on {target}: {exc}",
-                    details={"stderr": exc.stderr[-2000:]},
-                ) from exc
+        with self._released([held]):
+            self._mount(
+                source, target, fstype, options, f"{source} ({fstype}) on {target}"
+            )
             yield target
-        except BaseException:
-            self._release_from([held])
+
+    def _mount(
+        self,
+        source: str,
+        target: str,
+        fstype: str,
+        options: Sequence[str],
+        what: str,
+    ) -> None:
+        """mount(8) within the session's limits; a failure is ``MOUNT_FAILED``."""
+        try:
+            mounts.mount(
+                source,
+                target,
+                fstype,
+                options,
+                should_stop=self._should_stop,
+                timeout=self._timeout,
+            )
+        except (ToolCancelled, ToolTimeout):
             raise
-        failure = self._release_from([held])
-        if failure is not None:
-            raise failure
+        except ToolError as exc:
+            raise self._error(
+                codes.MOUNT_FAILED,
+                f"cannot mount {what}: {exc}",
+                details={"stderr": exc.stderr[-2000:]},
+            ) from exc

@@ -6,14 +6,16 @@ module does those steps the same way for each, and keeps the operation's
 promises while doing them: every step reports a progress event, checks for
 cancellation first, runs its tools within the job's time limit, and turns a
 failing tool or file operation into an :class:`OperationError` that names
-the phase it failed in.
+the phase it failed in. initramfs_regenerate, which reports its own
+progress, finds the root with the same :func:`read_layout`,
+:func:`find_root.find_root` and :func:`require_linux`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +70,7 @@ class Progress:
 
     def timeout(self) -> float:
         """Seconds each tool may run: the time left, at most ten minutes."""
-        left = self.deadline.remaining(self.phase)
-        return MAX_TOOL_SECONDS if left is None else min(left, MAX_TOOL_SECONDS)
+        return self.deadline.capped(self.phase, MAX_TOOL_SECONDS)
 
     @contextlib.contextmanager
     def errors(self) -> Iterator[None]:
@@ -139,28 +140,41 @@ class DiskFacts:
         return self.devices.of(self.search.root)
 
 
-def discover(disk: GuestDisk, progress: Progress, percentage: int = 10) -> DiskFacts:
-    """Read the partition table, filesystems and LVM, then find the root."""
-    progress.step(DISCOVERY, percentage, "Reading the partition table and filesystems")
+def read_layout(disk: GuestDisk, checkpoint: Callable[[], None]) -> DiskFacts:
+    """The partition table, filesystems and LVM; the root not searched for yet.
+
+    ``checkpoint`` runs before the LVM tools do; :func:`find_root.find_root`
+    fills in ``search``.
+    """
     table = disk.partition_table()
     filesystems = disk.filesystems()
     pvs: list[PhysicalVolume] = []
     lvs: list[LogicalVolume] = []
     if any(fs.type == LVM_MEMBER for fs in filesystems):
-        progress.checkpoint()
+        checkpoint()
         pvs = disk.physical_volumes()
         lvs = disk.logical_volumes()
     devices = DeviceIndex(
         filesystems, [] if table is None else list(table.partitions), lvs
     )
+    return DiskFacts(table, filesystems, pvs, lvs, devices, find_root.RootSearch())
+
+
+def discover(disk: GuestDisk, progress: Progress, percentage: int = 10) -> DiskFacts:
+    """Read the partition table, filesystems and LVM, then find the root."""
+    progress.step(DISCOVERY, percentage, "Reading the partition table and filesystems")
+    facts = read_layout(disk, progress.checkpoint)
     progress.step(
         DISCOVERY,
         percentage + 10,
-        f"Found {len(filesystems)} signatures; looking for the guest's root",
-        {"filesystems": len(filesystems), "logical_volumes": len(lvs)},
+        f"Found {len(facts.filesystems)} signatures; looking for the guest's root",
+        {
+            "filesystems": len(facts.filesystems),
+            "logical_volumes": len(facts.logical_volumes),
+        },
     )
-    search = find_root.find_root(disk, filesystems, progress.checkpoint)
-    return DiskFacts(table, filesystems, pvs, lvs, devices, search)
+    facts.search = find_root.find_root(disk, facts.filesystems, progress.checkpoint)
+    return facts
 
 
 def require_linux(facts: DiskFacts, phase: str) -> DiskFs:

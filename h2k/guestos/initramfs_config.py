@@ -28,14 +28,15 @@ from h2k.guestos.tree import GuestTree
 DRACUT = "dracut"
 INITRAMFS_TOOLS = "update-initramfs"
 MKINITCPIO = "mkinitcpio"
+# Where each tool lives in a guest, in order of preference.
 TOOLS: dict[str, tuple[str, ...]] = {
-    DRACUT: ("/usr/bin/dracut", "/usr/sbin/dracut", "/sbin/dracut", "/bin/dracut"),
+    DRACUT: ("/usr/bin/dracut", "/usr/sbin/dracut", "/bin/dracut", "/sbin/dracut"),
     INITRAMFS_TOOLS: (
         "/usr/sbin/update-initramfs",
         "/sbin/update-initramfs",
         "/usr/bin/update-initramfs",
     ),
-    MKINITCPIO: ("/usr/bin/mkinitcpio", "/usr/sbin/mkinitcpio"),
+    MKINITCPIO: ("/usr/bin/mkinitcpio", "/usr/sbin/mkinitcpio", "/bin/mkinitcpio"),
 }
 PREFERRED = {
     "rhel": DRACUT,

@@ -21,7 +21,7 @@ rest is shared and done here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,32 +84,36 @@ def guest_facts(guest: MountedGuest) -> dict[str, Any]:
     return facts
 
 
-def _plan_all(
-    guest: MountedGuest, steps: Sequence[Step], progress: Progress, phase: str
-) -> list[FixPlan]:
-    plans = []
+def _each(
+    steps: Sequence[Step], progress: Progress, phase: str, doing: str, span: range
+) -> Iterator[Step]:
+    """``steps`` one by one, each announced in ``phase`` as ``doing`` it, the
+    percentage rising through ``span``."""
+    start, width = span.start, len(span)
     for index, step in enumerate(steps):
         progress.step(
             phase,
-            30 + 30 * index // max(1, len(steps)),
-            f"Working out the {step.name} fix",
+            start + width * index // max(1, len(steps)),
+            f"{doing} the {step.name} fix",
             {"fix": step.name},
         )
-        plans.append(step.plan(guest))
-    return plans
+        yield step
+
+
+def _plan_all(
+    guest: MountedGuest, steps: Sequence[Step], progress: Progress, phase: str
+) -> list[FixPlan]:
+    return [
+        step.plan(guest)
+        for step in _each(steps, progress, phase, "Working out", range(30, 60))
+    ]
 
 
 def _apply_all(
     guest: MountedGuest, steps: Sequence[Step], progress: Progress
 ) -> list[FixPlan]:
     plans = []
-    for index, step in enumerate(steps):
-        progress.step(
-            APPLYING,
-            60 + 35 * index // max(1, len(steps)),
-            f"Applying the {step.name} fix",
-            {"fix": step.name},
-        )
+    for step in _each(steps, progress, APPLYING, "Applying", range(60, 95)):
         plan = step.plan(guest)
         changes.apply(guest.tree, plan.changes)
         if plan.changes:

@@ -74,6 +74,34 @@ def _boot_fallback(
     return None
 
 
+def fstab_filesystem(
+    disk: GuestDisk,
+    devices: DeviceIndex,
+    root: DiskFs,
+    spec: str,
+    guest_path: str,
+    notes: list[str],
+) -> DiskFs | None:
+    """The filesystem ``spec``, fstab's name for ``guest_path``, names here.
+
+    For /boot, a name that fails (a device name of the old hypervisor, a
+    UUID of a filesystem since recreated) falls back to the filesystem that
+    holds boot files. None when nothing of this disk fits; ``notes`` say
+    what was guessed or not found.
+    """
+    target = devices.lookup(spec)
+    if target is None and guest_path == BOOT:
+        target = _boot_fallback(disk, devices, root)
+        if target is not None:
+            notes.append(
+                f"fstab names {spec} for {BOOT}, which is not on this "
+                f"disk; {target.source} holds the boot files"
+            )
+    if target is None:
+        notes.append(f"fstab names {spec} for {guest_path}: not on this disk")
+    return target
+
+
 @contextlib.contextmanager
 def mount_guest(
     disk: GuestDisk,
@@ -95,16 +123,8 @@ def mount_guest(
             spec = fstab.mount_spec(tree, guest_path)
             if spec is None:
                 continue
-            target = devices.lookup(spec)
-            if target is None and guest_path == BOOT:
-                target = _boot_fallback(disk, devices, root)
-                if target is not None:
-                    notes.append(
-                        f"fstab names {spec} for {BOOT}, which is not on this "
-                        f"disk; {target.source} holds the boot files"
-                    )
+            target = fstab_filesystem(disk, devices, root, spec, guest_path, notes)
             if target is None:
-                notes.append(f"fstab names {spec} for {guest_path}: not on this disk")
                 continue
             if target.fs.volume == root.fs.volume:
                 continue

@@ -1,6 +1,6 @@
 """What every operation does the same way: check its source again, keep its
-deadline, stop when asked, map tool failures onto codes, and put an output
-in place only when it is whole.
+deadline, stop when asked, report progress, map tool failures onto codes,
+and put an output in place only when it is whole.
 """
 
 from __future__ import annotations
@@ -93,10 +93,33 @@ class Deadline:
             )
         return left
 
+    def capped(self, phase: str, cap: float) -> float:
+        """Seconds the next tool may run: ``cap``, or less when the job's time
+        limit comes sooner."""
+        left = self.remaining(phase)
+        return cap if left is None else min(cap, left)
+
 
 def stop_if_asked(ctx: OperationContext, phase: str) -> None:
     if ctx.should_stop():
         raise fail(phase, codes.CANCELLED, "the job was cancelled")
+
+
+def report_item(
+    ctx: OperationContext,
+    phase: str,
+    index: int,
+    total: int,
+    message: str,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Report work on item ``index`` (from 0) of ``total``, stopping first if
+    the job was cancelled: the percentage counts the items already done, the
+    message ends with which one this is."""
+    stop_if_asked(ctx, phase)
+    ctx.report(
+        phase, index * 100 // total, f"{message} ({index + 1} of {total})", details
+    )
 
 
 def tool_failure(phase: str, code: str, what: str, exc: ToolError) -> OperationError:

@@ -41,7 +41,7 @@ from typing import Any
 from h2k.errors import OperationError
 from h2k.guest import GuestDisk
 from h2k.guest import codes as guest_codes
-from h2k.guest.disk import DEFAULT_TIMEOUT_SECONDS, LVM_MEMBER
+from h2k.guest.disk import LVM_MEMBER
 from h2k.guest.lvm import LogicalVolume
 from h2k.guest.probe import Filesystem
 from h2k.guest.volume import Volume
@@ -52,10 +52,10 @@ from h2k.operations.common import (
     VALIDATION,
     fail,
     invalid_parameter,
-    stop_if_asked,
+    report_item,
     tool_errors,
 )
-from h2k.operations.target import WorkTarget, working_image
+from h2k.operations.target import WorkTarget, open_guest_disk, working_image
 from h2k.repair import fsck
 from h2k.repair.fsck import CheckRun
 
@@ -153,27 +153,11 @@ def _wanted(params: dict[str, Any]) -> list[str] | None:
     return names
 
 
-def _timeout(target: WorkTarget, phase: str) -> float:
-    """The guest layer's per-tool limit, within what is left of the job's."""
-    remaining = target.deadline.remaining(phase)
-    if remaining is None:
-        return DEFAULT_TIMEOUT_SECONDS
-    return min(DEFAULT_TIMEOUT_SECONDS, remaining)
-
-
 def _work(
     ctx: OperationContext, target: WorkTarget, wanted: list[str] | None
 ) -> list[dict[str, Any]]:
-    stop_if_asked(ctx, DISCOVERY)
-    ctx.report(DISCOVERY, None, "Looking for filesystems on the disk")
-    with GuestDisk.open(
-        target.path,
-        target.driver,
-        writable=target.writable,
-        should_stop=ctx.should_stop,
-        timeout=_timeout(target, DISCOVERY),
-        phase=DISCOVERY,
-    ) as disk:
+    message = "Looking for filesystems on the disk"
+    with open_guest_disk(ctx, target, DISCOVERY, message) as disk:
         chosen = _select(_candidates(disk), wanted)
         ctx.report(
             DISCOVERY,
@@ -183,11 +167,12 @@ def _work(
         )
         reports = []
         for index, candidate in enumerate(chosen):
-            stop_if_asked(ctx, REPAIR)
-            ctx.report(
+            report_item(
+                ctx,
                 REPAIR,
-                index * 100 // len(chosen),
-                _announce(candidate, index, len(chosen), target.dry_run),
+                index,
+                len(chosen),
+                _announce(candidate, target.dry_run),
                 {"volume": candidate.source},
             )
             with tool_errors(REPAIR, codes.TOOL_FAILED, f"checking {candidate.source}"):
@@ -256,14 +241,14 @@ def _named(candidate: _Candidate, name: str) -> bool:
     return (fs.uuid is not None and fs.uuid.lower() == name.lower()) or fs.label == name
 
 
-def _announce(candidate: _Candidate, index: int, total: int, dry_run: bool) -> str:
+def _announce(candidate: _Candidate, dry_run: bool) -> str:
     fs = candidate.fs
     what = candidate.source if fs is None else f"{candidate.source} ({fs.type})"
     if fs is None or fsck.checker_for(fs.type) is None or fs.usage != "filesystem":
         verb = "Skipping"
     else:
         verb = "Checking" if dry_run else "Checking and repairing"
-    return f"{verb} {what} ({index + 1} of {total})"
+    return f"{verb} {what}"
 
 
 def _skip_reason(fs: Filesystem) -> str | None:

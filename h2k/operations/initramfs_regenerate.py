@@ -15,9 +15,12 @@ keep them:
 - mkinitcpio: the drivers added to ``MODULES=(...)`` in /etc/mkinitcpio.conf,
   then ``mkinitcpio -k <kver> -g <image>``.
 
-The guest's root is the filesystem holding /etc/os-release; its /boot is
-mounted into it when /etc/fstab puts /boot on another filesystem of the
-disk. Kernels are those with a /lib/modules/<kver> directory and a
+The guest's root is found as inspect finds it (:mod:`h2k.guestos.access`,
+:mod:`h2k.guestos.find_root`); its /boot is mounted into it when /etc/fstab
+puts /boot on another filesystem of the disk, looked up as offline_fix
+looks it up (:func:`h2k.guestos.mounted.fstab_filesystem`). The tools, their
+places and the drivers are those of :mod:`h2k.guestos.initramfs_config`.
+Kernels are those with a /lib/modules/<kver> directory and a
 /boot/vmlinuz-<kver> (or /lib/modules/<kver>/vmlinuz); ``parameters.kernels``
 picks some of them. A driver the kernel has built in needs no module; one
 it lacks altogether is reported, not passed to the tool.
@@ -29,7 +32,7 @@ result carries that listing as evidence.
 
 Phases: ``validation``, ``inspection``, ``regeneration``, ``verification``,
 ``finalize``. Codes: ``NO_OPERATING_SYSTEM``, ``UNSUPPORTED_GUEST`` (no
-kernel, or a /boot that is not on this disk), ``NO_INITRAMFS_TOOL``,
+kernel, a /boot that is not on this disk, or Windows), ``NO_INITRAMFS_TOOL``,
 ``INITRAMFS_FAILED`` (the tool failed, with its last output, or its image
 lacks the drivers), ``INVALID_PARAMETERS`` (a kernel that is not there),
 ``CANCELLED``, ``TIMEOUT``, ``TOOL_FAILED`` and the guest-disk layer's codes.
@@ -39,19 +42,33 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from h2k.errors import OperationError, ToolCancelled, ToolError, ToolTimeout
-from h2k.guest import Filesystem, GuestDisk, fstypes
+from h2k.errors import ToolCancelled, ToolError, ToolTimeout
+from h2k.guest import Filesystem, GuestDisk
 from h2k.guest.chroot import Chroot, guest_path, prepared
 from h2k.guest.chroot import bind as bind_into
+from h2k.guestos import fstab, initramfs_config, osrelease
+from h2k.guestos.access import read_layout, require_linux
+from h2k.guestos.devices import DeviceIndex, DiskFs
+from h2k.guestos.find_root import find_root
+from h2k.guestos.initramfs_config import (
+    DRACUT,
+    INITRAMFS_MODULES,
+    INITRAMFS_TOOLS,
+    MKINITCPIO,
+    MKINITCPIO_CONF,
+    TOOLS,
+)
+from h2k.guestos.initramfs_config import VIRTIO_MODULES as DRIVERS
+from h2k.guestos.mounted import BOOT, fstab_filesystem
+from h2k.guestos.tree import GuestTree
 from h2k.operations import codes
 from h2k.operations.base import OperationContext
 from h2k.operations.common import (
@@ -63,7 +80,8 @@ from h2k.operations.common import (
     tool_errors,
     tool_failure,
 )
-from h2k.operations.target import WorkTarget, working_image
+from h2k.operations.target import WorkTarget, open_guest_disk, working_image
+from h2k.tools.checksum import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -71,33 +89,16 @@ INSPECTION = "inspection"
 REGENERATION = "regeneration"
 VERIFICATION = "verification"
 
-DRIVERS = ("virtio_blk", "virtio_scsi", "virtio_net", "virtio_pci")
-DRACUT = "dracut"
-INITRAMFS_TOOLS = "update-initramfs"
-MKINITCPIO = "mkinitcpio"
-# Where each tool and its lister live in a guest, in order of preference.
-TOOLS: dict[str, tuple[str, ...]] = {
-    DRACUT: ("/usr/bin/dracut", "/usr/sbin/dracut", "/bin/dracut", "/sbin/dracut"),
-    INITRAMFS_TOOLS: (
-        "/usr/sbin/update-initramfs",
-        "/sbin/update-initramfs",
-        "/usr/bin/update-initramfs",
-    ),
-    MKINITCPIO: ("/usr/bin/mkinitcpio", "/usr/sbin/mkinitcpio", "/bin/mkinitcpio"),
-}
+# Where each tool's lister lives in a guest, in order of preference.
 LISTERS: dict[str, tuple[str, ...]] = {
     DRACUT: ("/usr/bin/lsinitrd", "/usr/sbin/lsinitrd", "/bin/lsinitrd"),
     INITRAMFS_TOOLS: ("/usr/bin/lsinitramfs", "/bin/lsinitramfs"),
     MKINITCPIO: ("/usr/bin/lsinitcpio", "/bin/lsinitcpio"),
 }
 DRACUT_CONF = "/etc/dracut.conf.d/90-h2k-virtio.conf"
-INITRAMFS_TOOLS_MODULES = "/etc/initramfs-tools/modules"
-MKINITCPIO_CONF = "/etc/mkinitcpio.conf"
-OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 # Per tool run when the job has no time limit: dracut on a slow disk.
 DEFAULT_TOOL_SECONDS = 1800.0
-GUEST_DISK_SECONDS = 300.0
 OUTPUT_TAIL_LINES = 20
 REPORT_EVERY_SECONDS = 1.0
 _MKINITCPIO_MODULES = re.compile(r"^MODULES=\(([^)]*)\)", re.MULTILINE)
@@ -182,24 +183,11 @@ def _requested_kernels(params: dict[str, Any]) -> list[str] | None:
     return list(dict.fromkeys(kernels))
 
 
-def _limit(target: WorkTarget, phase: str, default: float) -> float:
-    left = target.deadline.remaining(phase)
-    return default if left is None else min(default, left)
-
-
 def _regenerate(
     ctx: OperationContext, target: WorkTarget, wanted: list[str] | None
 ) -> dict[str, Any]:
-    stop_if_asked(ctx, INSPECTION)
-    ctx.report(INSPECTION, 5, f"Opening the guest disk {target.source.path}")
-    with GuestDisk.open(
-        target.path,
-        target.driver,
-        writable=target.writable,
-        should_stop=ctx.should_stop,
-        timeout=_limit(target, INSPECTION, GUEST_DISK_SECONDS),
-        phase=INSPECTION,
-    ) as disk:
+    opening = f"Opening the guest disk {target.source.path}"
+    with open_guest_disk(ctx, target, INSPECTION, opening, 5) as disk:
         guest = _find_guest(ctx, disk)
         with _mounted_guest(disk, guest, writable=target.writable) as root:
             tool, tool_path = _detect_tool(root)
@@ -273,12 +261,6 @@ def _dry_run(
 # Finding the guest.
 
 
-def _mountable(fs: Filesystem) -> bool:
-    return (
-        fs.usage == "filesystem" and fstypes.mount_options(fs.type, False) is not None
-    )
-
-
 def _read(host_path: str, limit: int = 1 << 20) -> str | None:
     try:
         with open(host_path, encoding="utf-8", errors="replace") as f:
@@ -287,100 +269,45 @@ def _read(host_path: str, limit: int = 1 << 20) -> str | None:
         return None
 
 
-def _os_release(text: str) -> dict[str, str]:
-    values = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() and not key.startswith("#"):
-            values[key.strip()] = value.strip().strip("\"'")
-    return values
-
-
 def _find_guest(ctx: OperationContext, disk: GuestDisk) -> _Guest:
-    """The root (the filesystem with /etc/os-release) and its /boot."""
-    filesystems = [fs for fs in disk.filesystems() if _mountable(fs)]
-    for fs in filesystems:
+    """The guest's root, and the filesystem its fstab mounts on /boot."""
+
+    def checkpoint() -> None:
         stop_if_asked(ctx, INSPECTION)
-        with disk.mount(fs) as mountpoint:
-            release = next(
-                (
-                    text
-                    for name in OS_RELEASE
-                    if (text := _read(guest_path(mountpoint, name))) is not None
-                ),
-                None,
-            )
-            if release is None:
-                continue
-            fstab = _read(guest_path(mountpoint, "/etc/fstab")) or ""
-        values = _os_release(release)
-        others = [other for other in filesystems if other is not fs]
-        boot = _boot_filesystem(disk, fstab, others)
-        ctx.report(
-            INSPECTION,
-            10,
-            f"Found {values.get('PRETTY_NAME', 'a Linux guest')} on "
-            f"{fs.volume.source}"
-            + (f", /boot on {boot.volume.source}" if boot else ""),
-        )
-        family = {values.get("ID", "")} | set(values.get("ID_LIKE", "").split())
-        return _Guest(fs, boot, values.get("PRETTY_NAME"), family)
-    raise fail(
+
+    facts = read_layout(disk, checkpoint)
+    facts.search = find_root(disk, facts.filesystems, checkpoint)
+    root = require_linux(facts, INSPECTION)
+    with disk.mount(root.fs) as mountpoint:
+        tree = GuestTree({"/": (mountpoint, False)})
+        release = osrelease.read(tree)
+        spec = fstab.mount_spec(tree, BOOT)
+    boot = None if spec is None else _boot_filesystem(disk, facts.devices, root, spec)
+    fields = {} if release is None else release.fields
+    ctx.report(
         INSPECTION,
-        codes.NO_OPERATING_SYSTEM,
-        "no filesystem on the disk holds /etc/os-release, so no Linux root was found",
-        filesystems=[f"{fs.volume.source} ({fs.type})" for fs in filesystems],
+        10,
+        f"Found {fields.get('PRETTY_NAME', 'a Linux guest')} on {root.source}"
+        + (f", /boot on {boot.source}" if boot else ""),
     )
-
-
-def _boot_entry(fstab: str) -> str | None:
-    for line in fstab.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and not fields[0].startswith("#") and fields[1] == "/boot":
-            return fields[0]
-    return None
+    family = set() if release is None else {release.id, *release.id_like}
+    return _Guest(
+        root.fs, None if boot is None else boot.fs, fields.get("PRETTY_NAME"), family
+    )
 
 
 def _boot_filesystem(
-    disk: GuestDisk, fstab: str, others: list[Filesystem]
-) -> Filesystem | None:
-    """The filesystem the guest's fstab mounts on /boot, None when it has none."""
-    spec = _boot_entry(fstab)
-    if spec is None:
-        return None
-    key, _, value = spec.partition("=")
-    by_path = {
-        "/dev/disk/by-uuid/": "UUID",
-        "/dev/disk/by-label/": "LABEL",
-        "/dev/disk/by-partuuid/": "PARTUUID",
-    }
-    for prefix, name in by_path.items():
-        if spec.startswith(prefix):
-            key, value = name, spec[len(prefix) :]
-    value = value.strip("\"'")
-    if key in ("UUID", "LABEL"):
-        for fs in others:
-            found = fs.uuid if key == "UUID" else fs.label
-            if found is not None and found.lower() == value.lower():
-                return fs
-    if key == "PARTUUID":
-        table = disk.partition_table()
-        for part in table.partitions if table else ():
-            if part.uuid and part.uuid.lower() == value.lower():
-                for fs in others:
-                    if fs.volume.offset == part.start:
-                        return fs
-    # A kernel name (/dev/sda1) or an LVM path: the other filesystem that
-    # holds kernels is the guest's /boot.
-    for fs in others:
-        with disk.mount(fs) as mountpoint:
-            if any(n.startswith("vmlinuz") for n in os.listdir(mountpoint)):
-                return fs
-    raise fail(
-        INSPECTION,
-        codes.UNSUPPORTED_GUEST,
-        f"the guest mounts /boot from {spec}, which is no filesystem of this disk",
-    )
+    disk: GuestDisk, devices: DeviceIndex, root: DiskFs, spec: str
+) -> DiskFs | None:
+    """The filesystem ``spec`` (fstab's /boot) names; None when it is the root."""
+    boot = fstab_filesystem(disk, devices, root, spec, BOOT, [])
+    if boot is None:
+        raise fail(
+            INSPECTION,
+            codes.UNSUPPORTED_GUEST,
+            f"the guest mounts /boot from {spec}, which is no filesystem of this disk",
+        )
+    return None if boot.fs.volume == root.fs.volume else boot
 
 
 @contextlib.contextmanager
@@ -398,10 +325,10 @@ def _mounted_guest(disk: GuestDisk, guest: _Guest, *, writable: bool) -> Iterato
 
 
 def _detect_tool(root: str) -> tuple[str, str]:
-    for tool, paths in TOOLS.items():
-        for path in paths:
-            if os.path.isfile(guest_path(root, path)):
-                return tool, path
+    """The first of :data:`TOOLS` the guest has, and where."""
+    found = initramfs_config.tools(GuestTree({"/": (root, False)}))
+    if found:
+        return found[0]["name"], found[0]["path"]
     looked = ", ".join(p for paths in TOOLS.values() for p in paths)
     raise fail(
         INSPECTION,
@@ -466,14 +393,6 @@ def _image_path(root: str, tool: str, version: str, guest: _Guest) -> str:
     return candidates[0]
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _kernels(
     root: str, tool: str, guest: _Guest, wanted: list[str] | None
 ) -> list[_Kernel]:
@@ -517,7 +436,7 @@ def _kernels(
         host = guest_path(root, image)
         if os.path.isfile(host):
             kernel.size_before = os.path.getsize(host)
-            kernel.sha256_before = _sha256(host)
+            kernel.sha256_before = sha256_file(host)
         kernels.append(kernel)
     return kernels
 
@@ -559,7 +478,7 @@ def _configure(chroot: Chroot, tool: str, drivers: list[str]) -> list[dict[str, 
         _write(chroot.path(path), text)
         return [{"path": path, "added": drivers}]
     if tool == INITRAMFS_TOOLS:
-        path = INITRAMFS_TOOLS_MODULES
+        path = INITRAMFS_MODULES
         current = _read(chroot.path(path)) or ""
         listed = {
             line.split()[0]
@@ -620,9 +539,11 @@ def _in_chroot(
     chroot: Chroot,
     argv: list[str],
     phase: str,
-    failed: Callable[[list[str], ToolError], OperationError],
+    what: str,
+    **details: Any,
 ) -> str:
-    """Run ``argv`` in the guest; its output, or ``failed``'s error."""
+    """Run ``argv`` in the guest; its output, or ``INITRAMFS_FAILED`` saying
+    ``what`` failed, with its last output and ``details``."""
     stop_if_asked(ctx, phase)
     output = _Output(ctx, phase)
     try:
@@ -630,12 +551,19 @@ def _in_chroot(
             argv,
             on_line=output,
             should_stop=ctx.should_stop,
-            timeout=_limit(target, phase, DEFAULT_TOOL_SECONDS),
+            timeout=target.deadline.capped(phase, DEFAULT_TOOL_SECONDS),
         )
     except (ToolCancelled, ToolTimeout) as exc:
         raise tool_failure(phase, codes.INITRAMFS_FAILED, argv[0], exc) from exc
     except ToolError as exc:
-        raise failed(output.tail(exc.stderr), exc) from exc
+        tail = output.tail(exc.stderr)
+        raise fail(
+            phase,
+            codes.INITRAMFS_FAILED,
+            f"{what} (exit status {exc.returncode}): " + " | ".join(tail[-3:]),
+            output=tail,
+            **details,
+        ) from exc
     return result.stdout
 
 
@@ -654,20 +582,15 @@ def _run_tool(
             f"Running {tool} for kernel {kernel.version}",
             {"command": " ".join(kernel.command)},
         )
-
-        def failed(
-            tail: list[str], exc: ToolError, kernel: _Kernel = kernel
-        ) -> OperationError:
-            return fail(
-                REGENERATION,
-                codes.INITRAMFS_FAILED,
-                f"{tool} failed for kernel {kernel.version} "
-                f"(exit status {exc.returncode}): " + " | ".join(tail[-3:]),
-                output=tail,
-                command=kernel.command,
-            )
-
-        _in_chroot(ctx, target, chroot, kernel.command, REGENERATION, failed)
+        _in_chroot(
+            ctx,
+            target,
+            chroot,
+            kernel.command,
+            REGENERATION,
+            f"{tool} failed for kernel {kernel.version}",
+            command=kernel.command,
+        )
     ctx.report(REGENERATION, 100, f"{tool} finished for every kernel")
 
 
@@ -713,7 +636,7 @@ def _verify(
             )
         entry = kernel.describe()
         entry["size_after"] = os.path.getsize(host)
-        entry["sha256_after"] = _sha256(host)
+        entry["sha256_after"] = sha256_file(host)
         if entry["sha256_after"] == kernel.sha256_before:
             raise fail(
                 VERIFICATION,
@@ -728,20 +651,13 @@ def _verify(
                 f"the guest has no lister for {tool} images "
                 f"({', '.join(LISTERS[tool])}), so the new image cannot be checked",
             )
-
-        def failed(
-            tail: list[str], exc: ToolError, kernel: _Kernel = kernel
-        ) -> OperationError:
-            return fail(
-                VERIFICATION,
-                codes.INITRAMFS_FAILED,
-                f"cannot list {kernel.image} (exit status {exc.returncode}): "
-                + " | ".join(tail[-3:]),
-                output=tail,
-            )
-
         listing = _in_chroot(
-            ctx, target, chroot, [lister, kernel.image], VERIFICATION, failed
+            ctx,
+            target,
+            chroot,
+            [lister, kernel.image],
+            VERIFICATION,
+            f"cannot list {kernel.image}",
         )
         in_image = _listed_drivers(listing)
         absent = [d for d in kernel.modules if d not in in_image]

@@ -52,14 +52,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from h2k.guest import GuestDisk
-from h2k.guest.disk import DEFAULT_TIMEOUT_SECONDS, LVM_MEMBER
+from h2k.guest.disk import LVM_MEMBER
 from h2k.guest.lvm import TIMEOUT_SECONDS as LVM_TIMEOUT_SECONDS
 from h2k.guest.probe import probe
 from h2k.guest.volume import Volume
 from h2k.operations import codes
 from h2k.operations.base import OperationContext
-from h2k.operations.common import FINALIZE, VALIDATION, fail, stop_if_asked, tool_errors
-from h2k.operations.target import WorkTarget, working_image
+from h2k.operations.common import FINALIZE, VALIDATION, fail, report_item, tool_errors
+from h2k.operations.target import WorkTarget, open_guest_disk, working_image
 from h2k.repair import lvm_text
 from h2k.repair.lvm_metadata import LvmTools, MetadataCopy, PvHeaders
 from h2k.repair.lvm_text import VgMetadata
@@ -123,24 +123,11 @@ def run(ctx: OperationContext) -> dict[str, Any]:
     return result
 
 
-def _timeout(target: WorkTarget, phase: str, cap: float) -> float:
-    remaining = target.deadline.remaining(phase)
-    return cap if remaining is None else min(cap, remaining)
-
-
 def _work(
     ctx: OperationContext, target: WorkTarget
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    stop_if_asked(ctx, DISCOVERY)
-    ctx.report(DISCOVERY, None, "Looking for LVM physical volumes on the disk")
-    with GuestDisk.open(
-        target.path,
-        target.driver,
-        writable=target.writable,
-        should_stop=ctx.should_stop,
-        timeout=_timeout(target, DISCOVERY, DEFAULT_TIMEOUT_SECONDS),
-        phase=DISCOVERY,
-    ) as disk:
+    message = "Looking for LVM physical volumes on the disk"
+    with open_guest_disk(ctx, target, DISCOVERY, message) as disk:
         members = _physical_volumes(ctx, disk, target)
         if not members:
             raise fail(
@@ -160,7 +147,7 @@ def _work(
                 devices=sorted(loops),
                 system_dir=os.path.join(scratch, "system"),
                 should_stop=ctx.should_stop,
-                timeout=lambda: _timeout(target, CHECK, LVM_TIMEOUT_SECONDS),
+                timeout=lambda: target.deadline.capped(CHECK, LVM_TIMEOUT_SECONDS),
             )
             return _repair(ctx, target, tools, loops, scratch)
 
@@ -175,7 +162,7 @@ def _physical_volumes(
             disk.raw_path,
             volume,
             should_stop=ctx.should_stop,
-            timeout=_timeout(target, DISCOVERY, LVM_TIMEOUT_SECONDS),
+            timeout=target.deadline.capped(DISCOVERY, LVM_TIMEOUT_SECONDS),
         )
         if signature is not None and signature.type == LVM_MEMBER:
             found.append(volume)
@@ -192,12 +179,9 @@ def _repair(
     headers = []
     copies: list[MetadataCopy] = []
     for index, device in enumerate(sorted(loops, key=lambda d: loops[d].offset)):
-        stop_if_asked(ctx, CHECK)
-        ctx.report(
-            CHECK,
-            index * 100 // len(loops),
-            f"Checking the LVM metadata on {loops[device].source} "
-            f"({index + 1} of {len(loops)})",
+        source = loops[device].source
+        report_item(
+            ctx, CHECK, index, len(loops), f"Checking the LVM metadata on {source}"
         )
         found = tools.headers(device)
         headers.append(found)
@@ -427,13 +411,13 @@ def _restore(
 ) -> None:
     work = [(g, h) for g in groups for h in g.to_restore]
     for index, (group, headers) in enumerate(work):
-        stop_if_asked(ctx, REPAIR)
         where = loops[headers.device].source
-        ctx.report(
+        report_item(
+            ctx,
             REPAIR,
-            index * 100 // len(work),
-            f"Writing seqno {group.copy.seqno} of {group.metadata.name} "
-            f"to {where} ({index + 1} of {len(work)})",
+            index,
+            len(work),
+            f"Writing seqno {group.copy.seqno} of {group.metadata.name} to {where}",
         )
         result = tools.restore(headers, group.file)
         if result.returncode != 0:
@@ -483,12 +467,9 @@ def _back_up(
 ) -> None:
     healthy = [g for g in groups if g.state_after == CLEAN]
     for index, group in enumerate(healthy):
-        stop_if_asked(ctx, BACKUP)
         name = group.metadata.name
-        ctx.report(
-            BACKUP,
-            index * 100 // len(healthy),
-            f"Backing up the metadata of {name} ({index + 1} of {len(healthy)})",
+        report_item(
+            ctx, BACKUP, index, len(healthy), f"Backing up the metadata of {name}"
         )
         path = os.path.join(scratch, f"backup-{group.vg_id}.vg")
         result = tools.backup(name, path)

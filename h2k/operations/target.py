@@ -16,6 +16,9 @@ Parameters shared by these operations:
 - ``output_path``: where the overlay goes; default
   ``<image dir>/<image stem>.<operation>.qcow2``.
 - ``overwrite`` (false): replace an existing file at ``output_path``.
+
+:func:`open_guest_disk` opens the image as a guest disk session, as
+writable as the target is.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from h2k.guest import GuestDisk
+from h2k.guest.disk import DEFAULT_TIMEOUT_SECONDS
 from h2k.operations import codes
 from h2k.operations.base import OperationContext
 from h2k.operations.common import (
@@ -39,6 +44,7 @@ from h2k.operations.common import (
     install,
     output_path,
     remove,
+    stop_if_asked,
     temp_path,
     tool_errors,
 )
@@ -136,3 +142,30 @@ def working_image(ctx: OperationContext) -> Iterator[WorkTarget]:
         target.output = output
     finally:
         remove(temp)
+
+
+@contextmanager
+def open_guest_disk(
+    ctx: OperationContext,
+    target: WorkTarget,
+    phase: str,
+    message: str,
+    percentage: int | None = None,
+) -> Iterator[GuestDisk]:
+    """``target`` as a guest disk session, announced by ``message`` in ``phase``.
+
+    Stops first if the job was cancelled; the session's tools run within
+    the guest layer's own limit or what is left of the job's, and its
+    errors carry ``phase``.
+    """
+    stop_if_asked(ctx, phase)
+    ctx.report(phase, percentage, message)
+    with GuestDisk.open(
+        target.path,
+        target.driver,
+        writable=target.writable,
+        should_stop=ctx.should_stop,
+        timeout=target.deadline.capped(phase, DEFAULT_TIMEOUT_SECONDS),
+        phase=phase,
+    ) as disk:
+        yield disk

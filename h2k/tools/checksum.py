@@ -97,6 +97,19 @@ def sha256_files(
     return digest.hexdigest()
 
 
+def sha256_file(path: str) -> str:
+    """The hex sha256 of one file, read whole without progress or limits.
+
+    For what h2k hashes as evidence (an initramfs before and after, a
+    probe's copy); an :class:`OSError` comes out as it is.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _advise_sequential(fd: int) -> None:
     # Only a read-ahead hint: a filesystem that refuses it is still hashed.
     try:

@@ -8,6 +8,11 @@ made with the LVM tools on a loop device, told not to use device-mapper
 ext4 is written at the byte offset that follows from LVM's defaults, so the
 layer's own offset arithmetic is checked against a number computed here
 independently.
+
+The other disk builders (tests/guestdisks.py, tests/repairdisks.py,
+tests/initramfsdisks.py) use the tools from here too, and the tests read
+their results back with them: :func:`to_raw`, :func:`sfdisk_partitions`,
+:func:`loop_device`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 MiB = 2**20
@@ -163,7 +171,36 @@ def whole_disk_ext4(directory: str) -> BuiltDisk:
     return BuiltDisk(raw, "raw", raw)
 
 
-def _lvm(loop: str, system_dir: str, *argv: str) -> str:
+def attach_loop(raw: str, offset: int, size: int, *, read_only: bool = False) -> str:
+    """A new loop device over ``size`` bytes at ``offset`` of ``raw``."""
+    mode = ["--read-only"] if read_only else []
+    return run(
+        "losetup",
+        "--find",
+        "--show",
+        *mode,
+        "--offset",
+        str(offset),
+        "--sizelimit",
+        str(size),
+        raw,
+    ).strip()
+
+
+@contextmanager
+def loop_device(
+    raw: str, offset: int, size: int, *, read_only: bool = False
+) -> Iterator[str]:
+    """A loop device over ``size`` bytes at ``offset`` of ``raw``; detached after."""
+    loop = attach_loop(raw, offset, size, read_only=read_only)
+    try:
+        yield loop
+    finally:
+        run("losetup", "--detach", loop)
+
+
+def lvm(loop: str, system_dir: str, *argv: str) -> str:
+    """An LVM tool that sees ``loop`` alone, without device-mapper or locks."""
     config = (
         f'devices{{use_devicesfile=0 hints="none" filter=["a|^{loop}$|", "r|.*|"]}} '
         f"{LVM_CONFIG_TAIL}"
@@ -178,6 +215,24 @@ def _lvm(loop: str, system_dir: str, *argv: str) -> str:
         *argv[1:],
         env={"LVM_SYSTEM_DIR": system_dir, "LVM_SUPPRESS_FD_WARNINGS": "1"},
     )
+
+
+def pe_start(loop: str, system_dir: str) -> int:
+    """Where the PV on ``loop`` puts its first extent, in bytes, as pvs says."""
+    report = lvm(
+        loop,
+        system_dir,
+        "pvs",
+        "--readonly",
+        "--reportformat",
+        "json",
+        "--units",
+        "b",
+        "--nosuffix",
+        "-o",
+        "pe_start",
+    )
+    return int(json.loads(report)["report"][0]["pv"][0]["pe_start"])
 
 
 def lvm_disk(directory: str) -> BuiltDisk:
@@ -197,63 +252,25 @@ def lvm_disk(directory: str) -> BuiltDisk:
     )
     system_dir = os.path.join(directory, "lvm-system")
     os.makedirs(system_dir, exist_ok=True)
-    loop = run(
-        "losetup",
-        "--find",
-        "--show",
-        "--offset",
-        str(MiB),
-        "--sizelimit",
-        str(126976 * 512),
-        raw,
-    ).strip()
-    try:
-        _lvm(loop, system_dir, "pvcreate", loop)
-        _lvm(loop, system_dir, "vgcreate", "-s", "4M", "vgguest", loop)
+    with loop_device(raw, MiB, 126976 * 512) as loop:
+        lvm(loop, system_dir, "pvcreate", loop)
+        lvm(loop, system_dir, "vgcreate", "-s", "4M", "vgguest", loop)
         inactive = ("--activate", "n", "--zero", "n")
-        _lvm(
-            loop,
-            system_dir,
-            "lvcreate",
-            *inactive,
-            "-L",
-            "12M",
-            "-n",
-            "root",
-            "vgguest",
-        )
-        _lvm(
-            loop,
-            system_dir,
-            "lvcreate",
-            *inactive,
-            "-L",
-            "4M",
-            "-n",
-            "split",
-            "vgguest",
-        )
-        _lvm(
-            loop, system_dir, "lvcreate", *inactive, "-L", "4M", "-n", "pad", "vgguest"
-        )
-        _lvm(loop, system_dir, "lvextend", "-L", "8M", "vgguest/split")
-        report = _lvm(
-            loop,
-            system_dir,
-            "pvs",
-            "--readonly",
-            "--reportformat",
-            "json",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            "pe_start",
-        )
-    finally:
-        run("losetup", "--detach", loop)
-    pe_start = int(json.loads(report)["report"][0]["pv"][0]["pe_start"])
-    assert pe_start == MiB, f"LVM put the first extent at {pe_start}, not 1 MiB"
+        for name, size in (("root", "12M"), ("split", "4M"), ("pad", "4M")):
+            lvm(
+                loop,
+                system_dir,
+                "lvcreate",
+                *inactive,
+                "-L",
+                size,
+                "-n",
+                name,
+                "vgguest",
+            )
+        lvm(loop, system_dir, "lvextend", "-L", "8M", "vgguest/split")
+        first = pe_start(loop, system_dir)
+    assert first == MiB, f"LVM put the first extent at {first}, not 1 MiB"
     tree = guest_tree(directory)
     mkfs_ext4(
         raw,
@@ -272,3 +289,24 @@ def lvm_disk(directory: str) -> BuiltDisk:
 LV_ROOT_OFFSET = 2 * MiB
 # pad is extent 4: 1 MiB + 1 MiB + 4 * 4 MiB.
 LV_PAD_OFFSET = 18 * MiB
+
+
+# Reading a disk back, independently of h2k.
+
+
+def to_raw(image: str, fmt: str, directory: str) -> str:
+    """``image`` converted to raw with qemu-img (an overlay reads its backing)."""
+    raw = os.path.join(directory, os.path.basename(image) + ".check.raw")
+    run("qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw)
+    return raw
+
+
+def sfdisk_partitions(raw: str) -> dict[int, tuple[int, int]]:
+    """Partition number -> (start, size) in bytes, from ``sfdisk --json``."""
+    table = json.loads(run("sfdisk", "--json", raw))["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    found = {}
+    for row in table["partitions"]:
+        number = int(re.search(r"(\d+)$", row["node"]).group(1))  # type: ignore[union-attr]
+        found[number] = (int(row["start"]) * sector, int(row["size"]) * sector)
+    return found

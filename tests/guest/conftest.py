@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.guest import builders
-from tests.guest.leaks import leftovers
+from tests.guest.leaks import assert_clean
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loop devices, mounts and FUSE"
@@ -41,9 +41,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Where sessions put their private directories; must be empty after."""
     path = str(tmp_path_factory.mktemp("work", numbered=True))
     yield path
-    found = leftovers(path)
-    assert found.empty, found
-    assert os.listdir(path) == []
+    assert_clean(path, path)
     shutil.rmtree(path)
 
 

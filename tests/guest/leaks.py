@@ -2,7 +2,9 @@
 
 Other work shares the host, so only what belongs to one directory counts:
 mounts below it (including its FUSE mount), loop devices backed by files in
-it, and live processes whose command line names it.
+it, and live processes whose command line names it. A test sends the
+sessions it starts into directories of its own (:func:`isolate_sessions`)
+and checks afterwards that they left nothing there (:func:`assert_clean`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import pytest
 
 
 @dataclass(frozen=True)
@@ -38,16 +44,27 @@ def _live(pid: str) -> bool:
     return state not in ("Z", "X")
 
 
+def _mount_table() -> Iterator[tuple[str, str, list[str]]]:
+    """(target, type, options) of every mount this process sees."""
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            _, target, fstype, options, *_ = line.split()
+            yield _unescape(target), fstype, options.split(",")
+
+
+def mounts_below(directory: str) -> list[tuple[str, str]]:
+    """(target, type) of the mounts inside ``directory``."""
+    prefix = directory.rstrip("/") + "/"
+    return [(t, fstype) for t, fstype, _ in _mount_table() if t.startswith(prefix)]
+
+
 def leftovers(directory: str) -> Leftovers:
     prefix = directory.rstrip("/") + "/"
     mounts: list[str] = []
     fuse_mounts: list[str] = []
-    with open("/proc/mounts", encoding="utf-8") as f:
-        for line in f:
-            _, target, fstype, *_ = line.split()
-            target = _unescape(target)
-            if target.startswith(prefix) or target == directory:
-                (fuse_mounts if fstype.startswith("fuse") else mounts).append(target)
+    for target, fstype, _ in _mount_table():
+        if target.startswith(prefix) or target == directory:
+            (fuse_mounts if fstype.startswith("fuse") else mounts).append(target)
     output = subprocess.run(
         ["losetup", "--list", "--json"], check=True, capture_output=True, text=True
     ).stdout
@@ -67,11 +84,24 @@ def leftovers(directory: str) -> Leftovers:
     return Leftovers(mounts, fuse_mounts, loops, processes)
 
 
+def isolate_sessions(monkeypatch: pytest.MonkeyPatch, work: str, state: str) -> None:
+    """Guest sessions make their directories in ``work``, their ledgers in
+    ``state``, for the rest of the test."""
+    monkeypatch.setenv("H2K_GUEST_STATE_DIR", state)
+    monkeypatch.setattr(tempfile, "tempdir", work)
+
+
+def assert_clean(directory: str, *emptied: str) -> None:
+    """Nothing of a session is left below ``directory``; ``emptied`` are empty."""
+    found = leftovers(directory)
+    assert found.empty, found
+    for path in emptied:
+        assert os.listdir(path) == []
+
+
 def mount_entry(target: str) -> tuple[str, list[str]]:
     """The filesystem type and options of the mount at ``target``."""
-    with open("/proc/mounts", encoding="utf-8") as f:
-        for line in f:
-            _, where, fstype, options, *_ = line.split()
-            if _unescape(where) == target:
-                return fstype, options.split(",")
+    for where, fstype, options in _mount_table():
+        if where == target:
+            return fstype, options
     raise AssertionError(f"nothing is mounted at {target}")

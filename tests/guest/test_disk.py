@@ -11,7 +11,7 @@ import pytest
 from h2k.errors import OperationError
 from h2k.guest import GuestDisk, Volume, codes
 from tests.guest import builders
-from tests.guest.builders import MiB, run
+from tests.guest.builders import MiB, loop_device, run, to_raw
 from tests.guest.conftest import needs_root
 from tests.guest.leaks import leftovers, mount_entry
 
@@ -20,21 +20,8 @@ pytestmark = needs_root
 
 def _independent_blkid(raw: str, offset: int, size: int) -> dict[str, str]:
     """blkid on a read-only loop device over the source raw file."""
-    loop = run(
-        "losetup",
-        "--find",
-        "--show",
-        "--read-only",
-        "--offset",
-        str(offset),
-        "--sizelimit",
-        str(size),
-        raw,
-    ).strip()
-    try:
+    with loop_device(raw, offset, size, read_only=True) as loop:
         output = run("blkid", "-p", "-o", "export", loop)
-    finally:
-        run("losetup", "--detach", loop)
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
 
@@ -130,8 +117,7 @@ def test_writable_mount_writes_into_the_image(
                 f.write(message)
 
     run("qemu-img", "check", "-f", "vmdk", image)
-    out = str(tmp_path / "out.raw")
-    run("qemu-img", "convert", "-f", "vmdk", "-O", "raw", image, out)
+    out = to_raw(image, "vmdk", str(tmp_path))
     partition = f"{out}?offset={MiB}"
     assert run("debugfs", "-R", "cat /etc/h2k-written", partition) == message
     # The filesystem is clean after the unmount: e2fsck finds nothing to fix.

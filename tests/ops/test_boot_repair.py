@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from h2k.errors import OperationError
 from h2k.operations import boot_repair, codes
 from tests import guestdisks
 from tests.guest.builders import gpt_ext4_disk, sha256
+from tests.recording import Recorder, StopAfter
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loop devices, mounts and FUSE"
@@ -38,15 +38,9 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[guestdisks.OpsEnv]:
-    with guestdisks.ops_environment(tmp_path, monkeypatch) as environment:
-        yield environment
-
-
 def repair(
     env: guestdisks.OpsEnv, image: str, **kwargs: Any
-) -> tuple[dict[str, Any], guestdisks.Recorder]:
+) -> tuple[dict[str, Any], Recorder]:
     ctx, recorder = env.context("boot_repair", image, **kwargs)
     return boot_repair.run(ctx), recorder
 
@@ -154,19 +148,10 @@ def test_cancellation_while_writing(
 ) -> None:
     image = env.copy(disks["rhel"])
     before = sha256(image)
-    asked = [False]
-
-    def on_event(event: dict[str, Any]) -> None:
-        if event["phase"] == "applying":
-            asked[0] = True
+    stop = StopAfter("applying")
 
     with pytest.raises(OperationError) as caught:
-        repair(
-            env,
-            image,
-            recorder=guestdisks.Recorder(on_event),
-            should_stop=lambda: asked[0],
-        )
+        repair(env, image, recorder=stop.recorder, should_stop=stop)
     assert caught.value.code == codes.CANCELLED
     assert sha256(image) == before
     assert env.leftovers().empty

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +22,8 @@ from h2k.operations import codes, fs_repair
 from h2k.repair import fsck
 from tests import repairdisks
 from tests.guest.builders import sha256
-from tests.repairdisks import Disk, Recorder, StopAfter, Workspace
+from tests.recording import Recorder, StopAfter
+from tests.repairdisks import Disk, Workspace
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loop devices, mounts and FUSE"
@@ -46,12 +45,6 @@ def xfs_disk(tmp_path_factory: pytest.TempPathFactory) -> Disk:
 @pytest.fixture(scope="module")
 def unrepairable_disk(tmp_path_factory: pytest.TempPathFactory) -> Disk:
     return repairdisks.unrepairable_disk(str(tmp_path_factory.mktemp("unrepairable")))
-
-
-@pytest.fixture
-def space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with repairdisks.workspace(tmp_path, monkeypatch) as found:
-        yield found
 
 
 def by_volume(result: dict[str, Any]) -> dict[str, dict[str, Any]]:

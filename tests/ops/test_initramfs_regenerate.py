@@ -15,8 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,9 @@ from h2k.operations import codes, initramfs_regenerate
 from h2k.operations.base import OperationContext
 from tests import initramfsdisks
 from tests.guest import builders
-from tests.guest.leaks import leftovers
+from tests.guest.builders import run, to_raw
+from tests.guest.leaks import assert_clean, isolate_sessions, leftovers, mounts_below
+from tests.recording import Recorder
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: debootstrap, chroot, loop devices, mounts"
@@ -40,29 +41,6 @@ MiB = 2**20
 REPO = Path(__file__).resolve().parents[2]
 PHASES = ["validation", "inspection", "regeneration", "verification", "finalize"]
 VIRTIO = ("virtio_blk", "virtio_scsi", "virtio_net", "virtio_pci")
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(
-        self,
-        phase: str,
-        percentage: int | None,
-        message: str,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.events.append(
-            {"phase": phase, "percentage": percentage, "message": message}
-        )
-
-    def phases(self) -> list[str]:
-        seen: list[str] = []
-        for event in self.events:
-            if event["phase"] not in seen:
-                seen.append(event["phase"])
-        return seen
 
 
 @dataclass
@@ -106,12 +84,10 @@ def place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Place]:
     found = Place(tmp_path / "images", tmp_path / "work", tmp_path / "state")
     for path in (found.root, found.work, found.state):
         path.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(found.work))
-    monkeypatch.setenv("H2K_GUEST_STATE_DIR", str(found.state))
+    isolate_sessions(monkeypatch, str(found.work), str(found.state))
     yield found
     for directory in (found.work, found.root):
-        left = leftovers(str(directory))
-        assert left.empty, left
+        assert_clean(str(directory))
     assert _processes_rooted_in(str(found.work)) == []
     assert os.listdir(found.work) == []
     assert os.listdir(found.state) == []
@@ -121,6 +97,24 @@ def copy_image(disk: initramfsdisks.DebianDisk, place: Place) -> str:
     image = str(place.root / os.path.basename(disk.image))
     shutil.copyfile(disk.image, image)
     return image
+
+
+def overlay_of(disk: initramfsdisks.DebianDisk, place: Place, name: str) -> str:
+    """A qcow2 overlay over the shared ``disk``, for a test that changes it."""
+    overlay = str(place.root / name)
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        disk.image,
+        "-F",
+        "vmdk",
+        overlay,
+    )
+    return overlay
 
 
 def context(
@@ -149,16 +143,11 @@ def context(
 # Independent checks, with the host's tools.
 
 
-def run(*argv: str) -> str:
-    return subprocess.run(list(argv), check=True, capture_output=True, text=True).stdout
-
-
 def extract_filesystem(
     image: str, fmt: str, offset: int, size: int, directory: Path
 ) -> str:
     """The filesystem at ``offset`` of ``image``, as a file of its own."""
-    raw = str(directory / "whole.raw")
-    run("qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw)
+    raw = to_raw(image, fmt, str(directory))
     part = str(directory / f"fs-{offset}.raw")
     run(
         "dd",
@@ -224,7 +213,7 @@ def test_rebuilds_with_virtio_on_a_separate_boot(
     result = initramfs_regenerate.run(context(image, place, recorder))
 
     assert builders.sha256(image) == source_sha
-    assert recorder.phases() == PHASES
+    assert recorder.phases == PHASES
     assert result["tool"] == "update-initramfs"
     assert result["guest"]["boot"] == "partition 2"
     assert result["drivers_added"] == list(VIRTIO)
@@ -388,17 +377,6 @@ def test_a_failing_tool_reports_its_last_output(place: Place, tmp_path: Path) ->
     assert os.listdir(place.root) == [os.path.basename(image)]
 
 
-def _mounts_under(directory: Path) -> list[tuple[str, str]]:
-    prefix = str(directory) + "/"
-    found = []
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        for line in f:
-            _, target, fstype, *_ = line.split()
-            if target.startswith(prefix):
-                found.append((target, fstype))
-    return found
-
-
 def test_cancellation_while_the_tool_runs_leaves_nothing(
     separate_boot: initramfsdisks.DebianDisk, place: Place
 ) -> None:
@@ -407,35 +385,31 @@ def test_cancellation_while_the_tool_runs_leaves_nothing(
     stop = [False]
     seen: list[tuple[str, str]] = []
 
-    class Canceller(Recorder):
-        def __call__(
-            self,
-            phase: str,
-            percentage: int | None,
-            message: str,
-            details: Mapping[str, Any] | None = None,
-        ) -> None:
-            super().__call__(phase, percentage, message, details)
-            if phase == "regeneration" and percentage is None and not stop[0]:
-                # update-initramfs is running: its first line came out.
-                seen.extend(_mounts_under(place.work))
-                stop[0] = True
+    def on_event(event: dict[str, Any]) -> None:
+        running = event["phase"] == "regeneration" and event["percentage"] is None
+        if running and not stop[0]:
+            # update-initramfs is running: its first line came out.
+            seen.extend(mounts_below(str(place.work)))
+            stop[0] = True
 
     with pytest.raises(OperationError) as caught:
         initramfs_regenerate.run(
-            context(image, place, Canceller(), should_stop=lambda: stop[0])
+            context(image, place, Recorder(on_event), should_stop=lambda: stop[0])
         )
 
     assert caught.value.code == codes.CANCELLED
     kinds = {fstype for _, fstype in seen}
     assert {"proc", "sysfs", "tmpfs", "ext4"} <= kinds, seen
     assert any(target.endswith("/boot") for target, _ in seen), seen
-    assert _mounts_under(place.work) == []
+    assert mounts_below(str(place.work)) == []
     assert builders.sha256(image) == source_sha
     assert os.listdir(place.root) == [os.path.basename(image)]
 
 
-CRASH = """
+# A script that opens the overlay argv[1] (sessions in argv[2], ledgers in
+# argv[3]), mounts its root and prepares a chroot of it; what is appended
+# runs inside, with ``chroot`` at hand.
+IN_CHROOT = """
 import json, os, signal, sys
 from h2k.guest import GuestDisk
 from h2k.guest.chroot import prepared
@@ -445,38 +419,48 @@ with GuestDisk.open(image, "qcow2", writable=True, workdir=workdir,
     (root_fs,) = [fs for fs in disk.filesystems() if fs.label == "root"]
     with disk.mount(root_fs, writable=True) as root:
         with prepared(disk, root) as chroot:
+"""
+
+
+def run_script(
+    script: str, overlay: str, place: Place, *prefix: str
+) -> subprocess.CompletedProcess[str]:
+    """``script`` in a Python of its own on ``overlay``, run through ``prefix``."""
+    return subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            "-c",
+            script,
+            overlay,
+            str(place.work),
+            str(place.state),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+
+
+CRASH = (
+    IN_CHROOT
+    + """\
             print(json.dumps({"root": chroot.root, "mounts": chroot.mounts}),
                   flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 """
+)
 
 
 def test_cleanup_stale_removes_chroot_mounts_after_a_crash(
     boot_in_root: initramfsdisks.DebianDisk, place: Place
 ) -> None:
-    overlay = str(place.root / "crash.qcow2")
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        boot_in_root.image,
-        "-F",
-        "vmdk",
-        overlay,
-    )
-    crashed = subprocess.run(
-        [sys.executable, "-c", CRASH, overlay, str(place.work), str(place.state)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    overlay = overlay_of(boot_in_root, place, "crash.qcow2")
+    crashed = run_script(CRASH, overlay, place)
     assert crashed.returncode == -9, crashed.stderr
     left = json.loads(crashed.stdout)
     assert left["mounts"] == ["/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp"]
-    mounted = dict(_mounts_under(place.work))
+    mounted = dict(mounts_below(str(place.work)))
     for guest_dir in left["mounts"]:
         assert left["root"] + guest_dir in mounted, mounted
     assert mounted[left["root"] + "/proc"] == "proc"
@@ -484,20 +468,13 @@ def test_cleanup_stale_removes_chroot_mounts_after_a_crash(
     cleaned = cleanup_stale(str(place.state))
 
     assert len(cleaned) == 1
-    assert _mounts_under(place.work) == []
+    assert mounts_below(str(place.work)) == []
     assert not leftovers(str(place.work)).processes
 
 
-PROBE = """
-import json, sys
-from h2k.guest import GuestDisk
-from h2k.guest.chroot import prepared
-image, workdir, state = sys.argv[1:4]
-with GuestDisk.open(image, "qcow2", writable=True, workdir=workdir,
-                    state_dir=state) as disk:
-    (root_fs,) = [fs for fs in disk.filesystems() if fs.label == "root"]
-    with disk.mount(root_fs, writable=True) as root:
-        with prepared(disk, root) as chroot:
+PROBE = (
+    IN_CHROOT
+    + """\
             with open("/proc/self/mounts") as f:
                 dev = [l.split()[1] for l in f if l.split()[1].startswith(
                     chroot.root + "/dev/")]
@@ -507,41 +484,17 @@ with GuestDisk.open(image, "qcow2", writable=True, workdir=workdir,
                 " && hostname changed-by-guest && echo $$"])
 print(json.dumps({"dev_binds": dev, "output": probe.stdout}))
 """
+)
 
 
 @pytest.mark.parametrize("mknod", [True, False], ids=["mknod", "no-mknod"])
 def test_guest_programs_see_a_minimal_dev_and_their_own_root(
     boot_in_root: initramfsdisks.DebianDisk, place: Place, mknod: bool
 ) -> None:
-    overlay = str(place.root / "probe.qcow2")
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        boot_in_root.image,
-        "-F",
-        "vmdk",
-        overlay,
-    )
+    overlay = overlay_of(boot_in_root, place, "probe.qcow2")
     # Without CAP_MKNOD (a container) the host's nodes are bound instead.
     drop = [] if mknod else ["setpriv", "--bounding-set=-mknod", "--"]
-    probed = subprocess.run(
-        [
-            *drop,
-            sys.executable,
-            "-c",
-            PROBE,
-            overlay,
-            str(place.work),
-            str(place.state),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    probed = run_script(PROBE, overlay, place, *drop)
     assert probed.returncode == 0, probed.stderr
     found = json.loads(probed.stdout)
     lines = found["output"].split()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +22,8 @@ from h2k.repair import lvm_metadata, lvm_text
 from tests import repairdisks
 from tests.guest import builders
 from tests.guest.builders import sha256
-from tests.repairdisks import Disk, Recorder, StopAfter, Workspace
+from tests.recording import Recorder, StopAfter
+from tests.repairdisks import Disk, Workspace
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loop devices and FUSE"
@@ -40,12 +39,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Disk]:
         damage: repairdisks.lvm_disk(str(tmp_path_factory.mktemp(damage)), damage)
         for damage in repairdisks.LVM_DAMAGE
     }
-
-
-@pytest.fixture
-def space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with repairdisks.workspace(tmp_path, monkeypatch) as found:
-        yield found
 
 
 class LvmView:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from h2k.guestos.tree import GuestTree
 from h2k.operations import codes, inspect, offline_fix
 from tests import guestdisks
 from tests.guest.builders import run, sha256
+from tests.recording import Recorder, StopAfter
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loop devices, mounts and FUSE"
@@ -44,15 +44,9 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[guestdisks.OpsEnv]:
-    with guestdisks.ops_environment(tmp_path, monkeypatch) as environment:
-        yield environment
-
-
 def fix(
     env: guestdisks.OpsEnv, image: str, fmt: str = "vmdk", **kwargs: Any
-) -> tuple[dict[str, Any], guestdisks.Recorder]:
+) -> tuple[dict[str, Any], Recorder]:
     ctx, recorder = env.context("offline_fix", image, fmt, **kwargs)
     return offline_fix.run(ctx), recorder
 
@@ -429,19 +423,10 @@ def test_cancellation_leaves_nothing_behind(
     """Cancelled after the first event, or while fixes are being written."""
     image = env.copy(disks["rhel"])
     before = sha256(image)
-    asked = [False]
-
-    def on_event(event: dict[str, Any]) -> None:
-        if after_phase is None or event["phase"] == after_phase:
-            asked[0] = True
+    stop = StopAfter(after_phase)
 
     with pytest.raises(OperationError) as caught:
-        fix(
-            env,
-            image,
-            recorder=guestdisks.Recorder(on_event),
-            should_stop=lambda: asked[0],
-        )
+        fix(env, image, recorder=stop.recorder, should_stop=stop)
     assert caught.value.code == codes.CANCELLED
     assert sha256(image) == before
     assert env.leftovers().empty

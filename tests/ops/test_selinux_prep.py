@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from h2k.errors import OperationError
 from h2k.operations import codes, selinux_prep
 from tests import guestdisks
 from tests.guest.builders import sha256
+from tests.recording import Recorder
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: loop devices, mounts and FUSE"
@@ -31,15 +31,9 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[guestdisks.OpsEnv]:
-    with guestdisks.ops_environment(tmp_path, monkeypatch) as environment:
-        yield environment
-
-
 def prep(
     env: guestdisks.OpsEnv, image: str, **kwargs: Any
-) -> tuple[dict[str, Any], guestdisks.Recorder]:
+) -> tuple[dict[str, Any], Recorder]:
     ctx, recorder = env.context("selinux_prep", image, **kwargs)
     return selinux_prep.run(ctx), recorder
 
