@@ -245,7 +245,9 @@ def plan(
     return result
 
 
-def _repair_searches(text: str, devices: DeviceIndex, uuid: str) -> tuple[str, list]:
+def _repair_searches(
+    text: str, devices: DeviceIndex, uuid: str
+) -> tuple[str, list[str]]:
     replaced: list[str] = []
 
     def substitute(match: re.Match[str]) -> str:

@@ -120,7 +120,9 @@ def find_root(
     return search
 
 
-def _entry(fs: Filesystem, found: str, reason: str | None, **details: Any) -> dict:
+def _entry(
+    fs: Filesystem, found: str, reason: str | None, **details: Any
+) -> dict[str, Any]:
     entry = {
         "source": fs.volume.source,
         "type": fs.type,

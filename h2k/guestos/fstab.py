@@ -10,6 +10,7 @@ person wrote stays theirs.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,9 +125,7 @@ def plan(tree: GuestTree, devices: DeviceIndex) -> FixPlan:
             )
             continue
         index = entry.line - 1
-        lines[index] = _FIRST_FIELD.sub(
-            lambda m, new=stable: m.group(1) + new, lines[index], count=1
-        )
+        lines[index] = _FIRST_FIELD.sub(_first_field_as(stable), lines[index], count=1)
         replaced.append(
             {
                 "line": entry.line,
@@ -141,3 +140,8 @@ def plan(tree: GuestTree, devices: DeviceIndex) -> FixPlan:
         summary = ", ".join(f"{r['before']} -> {r['after']}" for r in replaced)
         result.changes.append(changes.modify(FSTAB, text, after, summary))
     return result
+
+
+def _first_field_as(new: str) -> Callable[[re.Match[str]], str]:
+    """A substitution keeping the indentation before the first field."""
+    return lambda match: match.group(1) + new

@@ -157,7 +157,7 @@ def _drop_lines(text: str, pattern: re.Pattern[str]) -> str:
 
 def _unpin_networkd(text: str) -> tuple[str, bool]:
     """``text`` without MAC matches; true when ``Name=`` had to be put in."""
-    out = []
+    out: list[str] = []
     match_header = None
     match_keys = 0
     for section, line in _sections(text):

@@ -138,7 +138,7 @@ def hostname(tree: GuestTree) -> str | None:
                 return name
     network = tree.read_text("/etc/sysconfig/network")
     if network is not None:
-        name = parse(network).get("HOSTNAME")
-        if name:
-            return name
+        configured = parse(network).get("HOSTNAME")
+        if configured:
+            return configured
     return None

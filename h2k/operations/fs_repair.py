@@ -126,7 +126,7 @@ def run(ctx: OperationContext) -> dict[str, Any]:
                 f"could not repair {names}: {unrepaired[0]['reason']}",
                 filesystems=reports,
             )
-    result = {
+    result: dict[str, Any] = {
         "output": target.describe(),
         "dry_run": target.dry_run,
         "filesystems": reports,

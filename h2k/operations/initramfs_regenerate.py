@@ -498,11 +498,11 @@ def _configure(chroot: Chroot, tool: str, drivers: list[str]) -> list[dict[str, 
     path = MKINITCPIO_CONF
     current = _read(chroot.path(path)) or ""
     match = _MKINITCPIO_MODULES.search(current)
-    listed = match.group(1).split() if match else []
-    added = [d for d in drivers if d not in listed]
+    modules = match.group(1).split() if match else []
+    added = [d for d in drivers if d not in modules]
     if not added:
         return []
-    line = f"MODULES=({' '.join([*listed, *added])})"
+    line = f"MODULES=({' '.join([*modules, *added])})"
     if match:
         text = current[: match.start()] + line + current[match.end() :]
     else:
@@ -596,7 +596,7 @@ def _run_tool(
 
 def _listed_drivers(listing: str) -> dict[str, str]:
     """Driver name -> path in the image, from a lister's output."""
-    found = {}
+    found: dict[str, str] = {}
     for line in listing.splitlines():
         fields = line.split()
         if not fields:

@@ -256,7 +256,9 @@ def _os(guest: MountedGuest) -> dict[str, Any]:
     return facts
 
 
-def _linux_sections(guest: MountedGuest, checked: list[dict[str, Any]]) -> dict:
+def _linux_sections(
+    guest: MountedGuest, checked: list[dict[str, Any]]
+) -> dict[str, Any]:
     tree = guest.tree
     plans = {
         "fstab": fstab.plan(tree, guest.devices),

@@ -104,7 +104,7 @@ def run(ctx: OperationContext) -> dict[str, Any]:
     with working_image(ctx) as target:
         with tool_errors(DISCOVERY, codes.TOOL_FAILED, "reading the LVM metadata"):
             pvs, groups = _work(ctx, target)
-    result = {
+    result: dict[str, Any] = {
         "output": target.describe(),
         "dry_run": target.dry_run,
         "backup_location": "result: volume_groups[].backup.text",
@@ -220,10 +220,14 @@ def _repair(
     )
     after = {h.device: _pv_state(h, groups) for h in after_headers}
     _back_up(ctx, tools, groups, scratch)
-    found = {h.device: h for h in headers}
+    headers_before = {h.device: h for h in headers}
     pvs = [
         _describe_pv(
-            h, loops, groups, found[h.device], (before[h.device], after[h.device])
+            h,
+            loops,
+            groups,
+            headers_before[h.device],
+            (before[h.device], after[h.device]),
         )
         for h in after_headers
     ]
