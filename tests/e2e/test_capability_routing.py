@@ -14,6 +14,7 @@ import requests
 from werkzeug.serving import make_server
 
 from h2k.embedded import free_port
+from tests import guestdisks
 from tests.e2e.conftest import wait_terminal
 from tests.images import make_image
 
@@ -84,10 +85,32 @@ def test_job_needing_more_waits_in_its_queue(  # type: ignore[no-untyped-def]
     queue = requests.get(f"{api}/queue", timeout=10).json()
     assert queue["by_queue"]["lvm_tools"] >= 1
 
-    # A worker holding every capability picks it up.
+    # A guest operation needs mount_operations: it waits the same way.
+    guest = guestdisks.rhel_guest(str(folder), name="routed")
+    inspect = f"inspect-{uuid.uuid4().hex[:6]}"
+    requests.post(
+        f"{api}/jobs",
+        json={
+            "job_id": inspect,
+            "operation": "inspect",
+            "image": {"path": guest.image, "format": "vmdk"},
+        },
+        timeout=10,
+    )
+    time.sleep(2)
+    assert requests.get(f"{api}/jobs/{inspect}", timeout=10).json()["state"] == (
+        "QUEUED"
+    )
+    queue = requests.get(f"{api}/queue", timeout=10).json()
+    assert queue["by_queue"]["mount_operations"] >= 1
+
+    # A worker holding every capability picks both up.
     wide = worker_factory("all-capabilities", CELERY_BROKER_URL=broker)
     wide.wait_registered(redis.Redis.from_url(redis_url))
     done = wait_terminal(api, waiting)
     assert done["state"] == "COMPLETED"
     assert done["worker_id"] == "all-capabilities@h2k-test"
+    inspected = wait_terminal(api, inspect)
+    assert inspected["state"] == "COMPLETED", inspected
+    assert inspected["worker_id"] == "all-capabilities@h2k-test"
     wide.stop()

@@ -213,3 +213,40 @@ def test_initramfs_regenerate_adds_virtio(  # type: ignore[no-untyped-def]
         assert {"virtio_blk", "virtio_scsi", "virtio_net", "virtio_pci"} <= found
     assert os.path.exists(result["output"]["path"])
     assert_nothing_left(worker_scratch)
+
+
+def test_timed_out_guest_operation_fails_and_leaves_nothing(  # type: ignore[no-untyped-def]
+    api_url, worker, worker_scratch, folder
+):
+    (folder / "slow").mkdir(exist_ok=True)
+    # An initramfs hook that takes far longer than the job may: the time
+    # limit strikes while the guest's tool runs in its chroot.
+    slow_hook = (
+        '#!/bin/sh\ncase "$1" in prereqs) echo ""; exit 0;; esac\nsleep 60\n',
+        0o755,
+    )
+    disk = initramfsdisks.debian_disk(
+        str(folder / "slow"),
+        separate_boot=False,
+        extra_files={"/etc/initramfs-tools/hooks/zz-slow": slow_hook},
+    )
+    job_id = f"slow-{uuid.uuid4().hex[:6]}"
+    response = requests.post(
+        f"{api_url}/jobs",
+        json={
+            "job_id": job_id,
+            "operation": "initramfs_regenerate",
+            "image": {"path": disk.image, "format": "vmdk"},
+            "execution_policy": {"timeout_seconds": 8},
+        },
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text
+
+    job = wait_terminal(api_url, job_id, timeout=120)
+
+    assert job["state"] == "FAILED"
+    assert job["error"]["code"] == "TIMEOUT"
+    assert job["error"]["phase"] == "regeneration"
+    assert_nothing_left(worker_scratch)
+    assert not [p for p in (folder / "slow").iterdir() if ".part" in p.name]
