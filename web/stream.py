@@ -8,19 +8,22 @@ the last one sent go out. Messages are rendered by flask-sse.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import datetime
 
 from flask import Response, current_app, request, stream_with_context
 from flask_sse import Message, ServerSentEventsBlueprint
 
-from h2k.errors import H2KError, InvalidInput
+from h2k.errors import H2KError, InvalidInput, Unavailable
 from h2k.states import TERMINAL, JobState
 from h2k.store.events import StoredEvent, is_stream_id, stream_id_key
 from web.hub import RESYNC
 from web.services import services
 
 KEEPALIVE_SECONDS = 15.0
+# How long a stream waits for an unreachable Redis before it gives up.
+REDIS_PATIENCE = 60.0
 MAX_STREAM_ID_SEQ = 2**64 - 1
 
 
@@ -52,6 +55,10 @@ def _complete(state: str) -> str:
     return str(Message({"state": state}, type="complete"))
 
 
+def _error(message: str) -> str:
+    return str(Message({"message": message}, type="error"))
+
+
 class JobEventsBlueprint(ServerSentEventsBlueprint):
     """flask-sse's blueprint, fed by the process-wide hub and the job stream."""
 
@@ -66,31 +73,51 @@ class JobEventsBlueprint(ServerSentEventsBlueprint):
         )
         subscription = h2k.hub.subscribe(job_id)
 
+        def stored_after() -> tuple[list[StoredEvent], str | None]:
+            """Events after ``last_id``, and the state if the job has ended."""
+            stored = h2k.events.after(job_id, last_id)
+            if any(_terminal(event) for event in stored):
+                return stored, None
+            state = h2k.jobs.state(job_id)
+            # A terminal event trimmed from the capped stream still ends it.
+            return stored, state if state in TERMINAL else None
+
         def events() -> Iterator[str]:
             nonlocal last_id
-            catch_up = True
+            behind = True
+            unreachable_since: float | None = None
             try:
                 yield "retry: 3000\n\n"
                 while True:
-                    if catch_up:
-                        for event in h2k.events.after(job_id, last_id):
+                    if behind:
+                        try:
+                            stored, ended = stored_after()
+                        except Unavailable as exc:
+                            # Redis restarting: hold the client for a while.
+                            unreachable_since = unreachable_since or time.monotonic()
+                            if time.monotonic() - unreachable_since > REDIS_PATIENCE:
+                                yield _error(str(exc))
+                                return
+                            yield ": waiting for Redis\n\n"
+                            time.sleep(min(keepalive, 1.0))
+                            continue
+                        unreachable_since = None
+                        for event in stored:
                             last_id = event.id
                             yield _render(event)
                             if _terminal(event):
                                 yield _complete(event.data["state"])
                                 return
-                        state = h2k.jobs.state(job_id)
-                        if state in TERMINAL:
-                            # Its terminal event was trimmed from the capped stream.
-                            yield _complete(state)
+                        if ended is not None:
+                            yield _complete(ended)
                             return
-                        catch_up = False
+                        behind = False
                     message = subscription.get(timeout=keepalive)
                     if message is None or message is RESYNC:
                         # Quiet or reconnected: look at the stream itself.
                         if message is None:
                             yield ": keep-alive\n\n"
-                        catch_up = True
+                        behind = True
                         continue
                     if last_id and stream_id_key(message.id) <= stream_id_key(last_id):
                         continue
@@ -101,7 +128,7 @@ class JobEventsBlueprint(ServerSentEventsBlueprint):
                         yield _complete(event.data["state"])
                         return
             except H2KError as exc:
-                yield str(Message({"message": str(exc)}, type="error"))
+                yield _error(str(exc))
             finally:
                 subscription.close()
 
