@@ -104,3 +104,4 @@ def test_stream_catches_up_after_redis_restarts(  # type: ignore[no-untyped-def]
         stream.close()
     finally:
         server.shutdown()
+        app.extensions["h2k"].close()

@@ -12,7 +12,6 @@ import json
 import logging
 import queue
 import threading
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +66,8 @@ class EventHub:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._closed = threading.Event()
+        self._pubsub: redis.client.PubSub | None = None
 
     def subscribe(self, job_id: str) -> Subscription:
         """Register a client; live messages published from now on reach it."""
@@ -83,6 +84,19 @@ class EventHub:
                 watchers.discard(subscription)
                 if not watchers:
                     del self._subscribers[subscription.job_id]
+
+    def close(self) -> None:
+        """Stop the subscription thread and close its connection."""
+        self._closed.set()
+        pubsub = self._pubsub
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except redis.RedisError:
+                log.debug("closing the SSE subscription failed")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.redis.close()
 
     def _ensure_running(self) -> None:
         with self._lock:
@@ -116,8 +130,9 @@ class EventHub:
     def _run(self) -> None:
         backoff = 0.5
         first = True
-        while True:
+        while not self._closed.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub = pubsub
             try:
                 pubsub.psubscribe(channel_pattern())
                 pubsub.get_message(timeout=1.0)
@@ -134,10 +149,13 @@ class EventHub:
                         job_id_of_channel(raw["channel"]),
                         LiveMessage(body["data"], body.get("type", ""), body["id"]),
                     )
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, ValueError) as exc:
+                # ValueError: the connection was closed under listen().
+                if self._closed.is_set():
+                    return
                 log.warning("SSE subscription lost (%s); reconnecting", exc)
                 self._ready.set()
-                time.sleep(backoff)
+                self._closed.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             finally:
                 try:

@@ -26,6 +26,12 @@ class Services:
     submissions: JobService
     hub: EventHub
 
+    def close(self) -> None:
+        """Close every connection these services hold (tests, shutdown)."""
+        self.hub.close()
+        self.redis.close()
+        self.broker.celery.close()
+
 
 def build(app: Flask, settings: Settings) -> Services:
     # The API's own Celery client, configured as the workers are; it only
