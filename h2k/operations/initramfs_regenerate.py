@@ -8,7 +8,7 @@ the guest (:mod:`h2k.guest.chroot`), with the virtio drivers added both on
 its command line and in its configuration, so that later kernel updates
 keep them:
 
-- dracut: ``add_drivers+=`` in /etc/dracut.conf.d/90-h2k-virtio.conf, then
+- dracut: ``add_drivers+=`` in /etc/dracut.conf.d/h2k-virtio.conf, then
   ``dracut --force --no-hostonly --add-drivers "..." <image> <kver>``;
 - initramfs-tools: the drivers appended to /etc/initramfs-tools/modules,
   then ``update-initramfs -u -k <kver>``;
@@ -95,7 +95,8 @@ LISTERS: dict[str, tuple[str, ...]] = {
     INITRAMFS_TOOLS: ("/usr/bin/lsinitramfs", "/bin/lsinitramfs"),
     MKINITCPIO: ("/usr/bin/lsinitcpio", "/bin/lsinitcpio"),
 }
-DRACUT_CONF = "/etc/dracut.conf.d/90-h2k-virtio.conf"
+# The same drop-in offline_fix's initramfs_config fix writes: one file.
+DRACUT_CONF = initramfs_config.H2K_DRACUT_CONF
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 # Per tool run when the job has no time limit: dracut on a slow disk.
 DEFAULT_TOOL_SECONDS = 1800.0
