@@ -58,7 +58,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def app(settings: Settings):  # type: ignore[no-untyped-def]
+def app(settings: Settings):
     """The API with a broker no worker consumes: queued jobs stay QUEUED."""
     from web import create_app
 
@@ -72,7 +72,7 @@ def app(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def client(app):  # type: ignore[no-untyped-def]
+def client(app):
     return app.test_client()
 
 
@@ -135,7 +135,7 @@ class WorkerProcess:
 
 
 @pytest.fixture(scope="session")
-def worker_factory(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def worker_factory(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     started: list[WorkerProcess] = []
     log_dir = tmp_path_factory.mktemp("worker-logs")
 

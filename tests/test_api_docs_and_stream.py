@@ -14,7 +14,7 @@ from h2k.embedded import free_port
 from tests.images import make_image
 
 
-def test_openapi_document_describes_every_endpoint(client):  # type: ignore[no-untyped-def]
+def test_openapi_document_describes_every_endpoint(client):
     document = client.get("/openapi.json").get_json()
     assert document["openapi"].startswith("3.")
     paths = document["paths"]
@@ -41,14 +41,14 @@ def test_openapi_document_describes_every_endpoint(client):  # type: ignore[no-u
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
-def test_docs_pages_serve_html(client, page):  # type: ignore[no-untyped-def]
+def test_docs_pages_serve_html(client, page):
     response = client.get(page)
     assert response.status_code == 200
     assert "openapi.json" in response.get_data(as_text=True)
 
 
 @pytest.fixture(scope="module")
-def quiet_server(settings):  # type: ignore[no-untyped-def]
+def quiet_server(settings):
     from web import create_app
 
     app = create_app({"H2K_SETTINGS": settings, "H2K_SSE_KEEPALIVE_SECONDS": 0.2})
@@ -77,7 +77,7 @@ def _queued_job(base: str, images_root: Path) -> str:
     return job_id
 
 
-def test_idle_stream_sends_keep_alive_comments(quiet_server, images_root):  # type: ignore[no-untyped-def]
+def test_idle_stream_sends_keep_alive_comments(quiet_server, images_root):
     job_id = _queued_job(quiet_server, images_root)
     with requests.get(
         f"{quiet_server}/jobs/{job_id}/events/stream", stream=True, timeout=10
@@ -92,7 +92,7 @@ def test_idle_stream_sends_keep_alive_comments(quiet_server, images_root):  # ty
     assert lines[-1] == ": keep-alive"
 
 
-def test_clients_of_one_process_share_one_subscription(  # type: ignore[no-untyped-def]
+def test_clients_of_one_process_share_one_subscription(
     quiet_server, images_root, redis_client
 ):
     job_ids = [_queued_job(quiet_server, images_root) for _ in range(3)]
@@ -127,7 +127,7 @@ def test_clients_of_one_process_share_one_subscription(  # type: ignore[no-untyp
             stream.close()
 
 
-def test_stream_rejects_a_bad_resume_point(client, images_root):  # type: ignore[no-untyped-def]
+def test_stream_rejects_a_bad_resume_point(client, images_root):
     folder = images_root / "stream-api"
     folder.mkdir(exist_ok=True)
     source = make_image(folder, "vmdk", size_mib=1, name="bad-since")

@@ -22,14 +22,14 @@ def registration(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-def error_of(response, code: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def error_of(response, code: int) -> dict[str, Any]:
     assert response.status_code == code, response.get_data(as_text=True)
     error: dict[str, Any] = response.get_json()["error"]
     assert error["code"] == code and error["path"] == response.request.path
     return error
 
 
-def test_register_heartbeat_list_unregister(client):  # type: ignore[no-untyped-def]
+def test_register_heartbeat_list_unregister(client):
     body = registration()
     registered = client.post("/workers/register", json=body)
     assert registered.status_code == 201
@@ -64,7 +64,7 @@ def test_register_heartbeat_list_unregister(client):  # type: ignore[no-untyped-
         ({"system_info": {"memory_mb": -1}}, "system_info.memory_mb"),
     ],
 )
-def test_bad_registration_names_the_field(client, change, field):  # type: ignore[no-untyped-def]
+def test_bad_registration_names_the_field(client, change, field):
     body = registration(**change)
     error = error_of(client.post("/workers/register", json=body), 422)
     assert field in error["fields"]
@@ -74,7 +74,7 @@ def test_bad_registration_names_the_field(client, change, field):  # type: ignor
     )
 
 
-def test_dequeue_hands_the_best_job_the_worker_can_run(client, images_root: Path):  # type: ignore[no-untyped-def]
+def test_dequeue_hands_the_best_job_the_worker_can_run(client, images_root: Path):
     folder = images_root / "dequeue"
     folder.mkdir(exist_ok=True)
     source = make_image(folder, "vmdk", size_mib=1, name="pulled")

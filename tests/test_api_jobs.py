@@ -38,7 +38,7 @@ def spec(path: str, **overrides: Any) -> dict[str, Any]:
     return body
 
 
-def assert_envelope(response, code: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def assert_envelope(response, code: int) -> dict[str, Any]:
     assert response.status_code == code, response.get_data(as_text=True)
     error = response.get_json()["error"]
     assert error["code"] == code
@@ -48,7 +48,7 @@ def assert_envelope(response, code: int) -> dict[str, Any]:  # type: ignore[no-u
     return error
 
 
-def test_submit_queues_job_and_records_history(client, vmdk):  # type: ignore[no-untyped-def]
+def test_submit_queues_job_and_records_history(client, vmdk):
     body = spec(vmdk, execution_policy={"priority": 75})
     response = client.post("/jobs", json=body)
 
@@ -68,7 +68,7 @@ def test_submit_queues_job_and_records_history(client, vmdk):  # type: ignore[no
     assert job["result"] is None and job["latest_event"] is None
 
 
-def test_job_id_is_generated_when_missing(client, vmdk):  # type: ignore[no-untyped-def]
+def test_job_id_is_generated_when_missing(client, vmdk):
     body = spec(vmdk)
     del body["job_id"]
     response = client.post("/jobs", json=body)
@@ -78,7 +78,7 @@ def test_job_id_is_generated_when_missing(client, vmdk):  # type: ignore[no-unty
     assert client.get(f"/jobs/{job_id}").status_code == 200
 
 
-def test_same_spec_twice_returns_the_existing_job(client, vmdk):  # type: ignore[no-untyped-def]
+def test_same_spec_twice_returns_the_existing_job(client, vmdk):
     body = spec(vmdk)
     first = client.post("/jobs", json=body)
     again = client.post("/jobs", json=body)
@@ -89,7 +89,7 @@ def test_same_spec_twice_returns_the_existing_job(client, vmdk):  # type: ignore
     assert len(history) == 3
 
 
-def test_same_id_with_another_spec_conflicts(client, vmdk):  # type: ignore[no-untyped-def]
+def test_same_id_with_another_spec_conflicts(client, vmdk):
     body = spec(vmdk)
     client.post("/jobs", json=body)
     other = {**body, "parameters": {"output_format": "raw"}}
@@ -99,7 +99,7 @@ def test_same_id_with_another_spec_conflicts(client, vmdk):  # type: ignore[no-u
     assert stored["spec"]["parameters"]["output_format"] == "qcow2"
 
 
-def test_queue_false_stores_validated_until_queued(client, vmdk):  # type: ignore[no-untyped-def]
+def test_queue_false_stores_validated_until_queued(client, vmdk):
     body = spec(vmdk)
     response = client.post("/jobs?queue=false", json=body)
     assert response.status_code == 201
@@ -141,7 +141,7 @@ def test_queue_false_stores_validated_until_queued(client, vmdk):  # type: ignor
         ({"surprise": 1}, "surprise"),
     ],
 )
-def test_invalid_spec_names_the_field_and_stores_nothing(  # type: ignore[no-untyped-def]
+def test_invalid_spec_names_the_field_and_stores_nothing(
     client, redis_client, vmdk, change, field
 ):
     body = {**spec(vmdk), **change}
@@ -168,7 +168,7 @@ def test_invalid_spec_names_the_field_and_stores_nothing(  # type: ignore[no-unt
         ("lvm_repair", {"compress": True}, "parameters.compress"),
     ],
 )
-def test_parameters_are_checked_per_operation(  # type: ignore[no-untyped-def]
+def test_parameters_are_checked_per_operation(
     client, vmdk, operation, parameters, field
 ):
     body = spec(vmdk, operation=operation, parameters=parameters)
@@ -185,9 +185,7 @@ def test_parameters_are_checked_per_operation(  # type: ignore[no-untyped-def]
         ("lvm_repair", "lvm_tools"),
     ],
 )
-def test_guest_operations_go_to_their_capability_queue(  # type: ignore[no-untyped-def]
-    client, vmdk, operation, queue
-):
+def test_guest_operations_go_to_their_capability_queue(client, vmdk, operation, queue):
     body = spec(vmdk, operation=operation, parameters={})
     response = client.post("/jobs", json=body)
     assert response.status_code == 201, response.get_data(as_text=True)
@@ -201,40 +199,40 @@ def test_guest_operations_go_to_their_capability_queue(  # type: ignore[no-untyp
     "body",
     ["{not json", "[1, 2]", "null", '"a string"'],
 )
-def test_body_that_is_not_a_job_object(client, body):  # type: ignore[no-untyped-def]
+def test_body_that_is_not_a_job_object(client, body):
     response = client.post("/jobs", data=body, content_type="application/json")
     assert response.status_code in (400, 422)
     assert_envelope(response, response.status_code)
 
 
-def test_malformed_json_says_so(client):  # type: ignore[no-untyped-def]
+def test_malformed_json_says_so(client):
     error = assert_envelope(
         client.post("/jobs", data="{bad", content_type="application/json"), 400
     )
     assert "not valid JSON" in error["message"]
 
 
-def test_body_too_large(client):  # type: ignore[no-untyped-def]
+def test_body_too_large(client):
     big = '{"x": "' + "a" * (2 * 1024 * 1024) + '"}'
     assert_envelope(
         client.post("/jobs", data=big, content_type="application/json"), 413
     )
 
 
-def test_path_outside_roots_is_refused(client, redis_client):  # type: ignore[no-untyped-def]
+def test_path_outside_roots_is_refused(client, redis_client):
     before = redis_client.zcard("h2k:jobs")
     error = assert_envelope(client.post("/jobs", json=spec("/etc/hostname")), 422)
     assert "outside the allowed roots" in error["fields"]["image.path"][0]
     assert redis_client.zcard("h2k:jobs") == before
 
 
-def test_dotdot_escape_is_refused(client, images_root, vmdk):  # type: ignore[no-untyped-def]
+def test_dotdot_escape_is_refused(client, images_root, vmdk):
     sneaky = f"{images_root}/../../etc/hostname"
     error = assert_envelope(client.post("/jobs", json=spec(sneaky)), 422)
     assert "outside the allowed roots" in error["fields"]["image.path"][0]
 
 
-def test_symlink_escape_is_refused(client, images_root):  # type: ignore[no-untyped-def]
+def test_symlink_escape_is_refused(client, images_root):
     link = images_root / "api" / "escape.vmdk"
     if not link.exists():
         os.symlink("/etc/hostname", link)
@@ -242,20 +240,20 @@ def test_symlink_escape_is_refused(client, images_root):  # type: ignore[no-unty
     assert "resolves to /etc/hostname" in error["fields"]["image.path"][0]
 
 
-def test_missing_image_is_refused(client, images_root):  # type: ignore[no-untyped-def]
+def test_missing_image_is_refused(client, images_root):
     error = assert_envelope(
         client.post("/jobs", json=spec(f"{images_root}/api/none.vmdk")), 422
     )
     assert "does not exist" in error["message"]
 
 
-def test_output_path_outside_roots_is_refused(client, vmdk):  # type: ignore[no-untyped-def]
+def test_output_path_outside_roots_is_refused(client, vmdk):
     body = spec(vmdk, parameters={"output_path": "/tmp/out.qcow2"})
     error = assert_envelope(client.post("/jobs", json=body), 422)
     assert "parameters.output_path" in error["fields"]
 
 
-def test_output_path_equal_to_input_is_refused(client, images_root):  # type: ignore[no-untyped-def]
+def test_output_path_equal_to_input_is_refused(client, images_root):
     folder = images_root / "api"
     qcow2 = make_image(folder, "qcow2", size_mib=1, name="same")
     body = spec(
@@ -267,7 +265,7 @@ def test_output_path_equal_to_input_is_refused(client, images_root):  # type: ig
     assert "parameters.output_path" in error["fields"]
 
 
-def test_declared_format_must_match_the_image(client, images_root, redis_client):  # type: ignore[no-untyped-def]
+def test_declared_format_must_match_the_image(client, images_root, redis_client):
     qcow2 = make_image(images_root / "api", "qcow2", size_mib=1, name="really-qcow2")
     before = redis_client.zcard("h2k:jobs")
     body = spec(qcow2, image={"path": qcow2, "format": "vmdk"})
@@ -276,7 +274,7 @@ def test_declared_format_must_match_the_image(client, images_root, redis_client)
     assert redis_client.zcard("h2k:jobs") == before
 
 
-def test_unknown_job_is_404(client):  # type: ignore[no-untyped-def]
+def test_unknown_job_is_404(client):
     error = assert_envelope(client.get("/jobs/no-such-job"), 404)
     assert error["message"] == "Job no-such-job not found"
     assert_envelope(client.delete("/jobs/no-such-job"), 404)
@@ -284,13 +282,13 @@ def test_unknown_job_is_404(client):  # type: ignore[no-untyped-def]
     assert_envelope(client.get("/jobs/no-such-job/events/stream"), 404)
 
 
-def test_unknown_path_and_wrong_method(client):  # type: ignore[no-untyped-def]
+def test_unknown_path_and_wrong_method(client):
     assert_envelope(client.get("/no/such/path"), 404)
     error = assert_envelope(client.put("/jobs"), 405)
     assert "PUT" in error["message"]
 
 
-def test_cancel_queued_job_then_cancel_again_is_400(client, vmdk):  # type: ignore[no-untyped-def]
+def test_cancel_queued_job_then_cancel_again_is_400(client, vmdk):
     body = spec(vmdk)
     client.post("/jobs", json=body)
     response = client.delete(f"/jobs/{body['job_id']}")
@@ -308,7 +306,7 @@ def test_cancel_queued_job_then_cancel_again_is_400(client, vmdk):  # type: igno
     assert history[-1]["state"] == "CANCELLED"
 
 
-def test_list_newest_first_with_filter_and_cursor(client, vmdk):  # type: ignore[no-untyped-def]
+def test_list_newest_first_with_filter_and_cursor(client, vmdk):
     ids = []
     for _ in range(5):
         body = spec(vmdk)
@@ -328,7 +326,7 @@ def test_list_newest_first_with_filter_and_cursor(client, vmdk):  # type: ignore
     assert_envelope(client.get("/jobs?limit=1001"), 422)
 
 
-def test_events_since_must_have_a_zone(client, vmdk):  # type: ignore[no-untyped-def]
+def test_events_since_must_have_a_zone(client, vmdk):
     body = spec(vmdk)
     client.post("/jobs?queue=false", json=body)
     assert client.get(f"/jobs/{body['job_id']}/events").get_json() == []
@@ -340,7 +338,7 @@ def test_events_since_must_have_a_zone(client, vmdk):  # type: ignore[no-untyped
     assert ok.status_code == 200
 
 
-def test_queue_status_counts_queued_jobs_by_priority(client, vmdk):  # type: ignore[no-untyped-def]
+def test_queue_status_counts_queued_jobs_by_priority(client, vmdk):
     before = client.get("/queue").get_json()
     body = spec(vmdk, execution_policy={"priority": 13})
     client.post("/jobs", json=body)
@@ -354,7 +352,7 @@ def test_queue_status_counts_queued_jobs_by_priority(client, vmdk):  # type: ign
     )
 
 
-def test_higher_priority_gets_earlier_queue_position(client, vmdk):  # type: ignore[no-untyped-def]
+def test_higher_priority_gets_earlier_queue_position(client, vmdk):
     low = client.post("/jobs", json=spec(vmdk, execution_policy={"priority": 1}))
     high = client.post("/jobs", json=spec(vmdk, execution_policy={"priority": 99}))
     assert high.get_json()["queue_position"] < low.get_json()["queue_position"]

@@ -20,13 +20,13 @@ def image(images_root: Path) -> str:
     return make_image(folder, "vmdk", size_mib=1, name="src")
 
 
-def _app(settings: Settings):  # type: ignore[no-untyped-def]
+def _app(settings: Settings):
     from web import create_app
 
     return create_app({"TESTING": True, "H2K_SETTINGS": settings})
 
 
-def test_redis_down_answers_503(settings, image):  # type: ignore[no-untyped-def]
+def test_redis_down_answers_503(settings, image):
     dead = f"redis://127.0.0.1:{free_port()}/0"
     client = _app(
         dataclasses.replace(settings, redis_url=dead, broker_url=dead)
@@ -50,7 +50,7 @@ def test_redis_down_answers_503(settings, image):  # type: ignore[no-untyped-def
         assert "Redis is unreachable" in error["message"]
 
 
-def test_broker_down_keeps_the_job_validated(settings, image, client):  # type: ignore[no-untyped-def]
+def test_broker_down_keeps_the_job_validated(settings, image, client):
     dead = f"redis://127.0.0.1:{free_port()}/0"
     down = _app(dataclasses.replace(settings, broker_url=dead)).test_client()
     job_id = f"broker-{uuid.uuid4().hex[:8]}"
@@ -79,7 +79,7 @@ def test_broker_down_keeps_the_job_validated(settings, image, client):  # type: 
     assert again.get_json()["state"] == "QUEUED"
 
 
-def test_unexpected_error_is_500_in_the_envelope(settings):  # type: ignore[no-untyped-def]
+def test_unexpected_error_is_500_in_the_envelope(settings):
     from web import create_app
 
     app = create_app({"H2K_SETTINGS": settings})

@@ -14,7 +14,7 @@ from h2k.store import EventLog, JobStore
 
 
 @pytest.fixture
-def store(redis_client) -> JobStore:  # type: ignore[no-untyped-def]
+def store(redis_client) -> JobStore:
     return JobStore(redis_client, events_maxlen=50)
 
 
@@ -80,7 +80,7 @@ def test_cancel_and_complete_race_has_one_winner(store: JobStore) -> None:
         assert [h["state"] for h in store.history(job_id)][-1] == final
 
 
-def test_state_indexes_follow_transitions(store: JobStore, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_state_indexes_follow_transitions(store: JobStore, redis_client) -> None:
     job_id = make_job(store)
     run_to(store, job_id, JobState.QUEUED)
     assert redis_client.zscore("h2k:jobs:state:QUEUED", job_id) is not None
@@ -91,7 +91,7 @@ def test_state_indexes_follow_transitions(store: JobStore, redis_client) -> None
     assert redis_client.zscore("h2k:jobs:state:ASSIGNED", job_id) is not None
 
 
-def test_events_after_terminal_are_dropped(store: JobStore, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_events_after_terminal_are_dropped(store: JobStore, redis_client) -> None:
     job_id = make_job(store)
     run_to(store, job_id, JobState.QUEUED, JobState.ASSIGNED, JobState.RUNNING)
     event = {
@@ -111,7 +111,7 @@ def test_events_after_terminal_are_dropped(store: JobStore, redis_client) -> Non
     assert kinds[-1] == "state"
 
 
-def test_event_stream_is_capped(store: JobStore, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_event_stream_is_capped(store: JobStore, redis_client) -> None:
     job_id = make_job(store)
     run_to(store, job_id, JobState.QUEUED, JobState.ASSIGNED, JobState.RUNNING)
     for percent in range(500):
@@ -130,7 +130,7 @@ def test_event_stream_is_capped(store: JobStore, redis_client) -> None:  # type:
     assert redis_client.xlen(f"h2k:job:{job_id}:events") < 200
 
 
-def test_terminal_transition_counts_metrics(store: JobStore, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_terminal_transition_counts_metrics(store: JobStore, redis_client) -> None:
     before = int(redis_client.hget("h2k:metrics:total", "failed|convert") or 0)
     job_id = make_job(store)
     run_to(

@@ -19,7 +19,7 @@ from tests.images import make_image
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path):  # type: ignore[no-untyped-def]
+def own_redis(tmp_path: Path):
     port = free_port()
     state = {"process": start_redis(str(tmp_path / "redis"), port=port)[0]}
 
@@ -35,9 +35,7 @@ def own_redis(tmp_path: Path):  # type: ignore[no-untyped-def]
     state["process"].wait()
 
 
-def test_stream_catches_up_after_redis_restarts(  # type: ignore[no-untyped-def]
-    own_redis, settings, images_root
-):
+def test_stream_catches_up_after_redis_restarts(own_redis, settings, images_root):
     from web import create_app
 
     url, stop, start = own_redis

@@ -18,7 +18,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 
 
 @pytest.fixture(scope="session")
-def live_app(settings):  # type: ignore[no-untyped-def]
+def live_app(settings):
     """The API publishing to the broker the test workers consume."""
     from web import create_app
 
@@ -26,7 +26,7 @@ def live_app(settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def api_url(live_app) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def api_url(live_app) -> Iterator[str]:
     port = free_port()
     server = make_server("127.0.0.1", port, live_app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -45,7 +45,7 @@ def worker_scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def worker(worker_factory, redis_url, worker_scratch):  # type: ignore[no-untyped-def]
+def worker(worker_factory, redis_url, worker_scratch):
     import redis
 
     process = worker_factory(

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def routed(settings, env, redis_url, worker_factory):  # type: ignore[no-untyped-def]
+def routed(settings, env, redis_url, worker_factory):
     """An API and workers on a broker of their own (Redis database 2)."""
     from web import create_app
 
@@ -39,7 +39,7 @@ def routed(settings, env, redis_url, worker_factory):  # type: ignore[no-untyped
     server.shutdown()
 
 
-def test_job_needing_more_waits_in_its_queue(  # type: ignore[no-untyped-def]
+def test_job_needing_more_waits_in_its_queue(
     routed, images_root: Path, worker_factory, redis_url
 ):
     api, broker = routed

@@ -36,7 +36,7 @@ def folder(images_root: Path) -> Path:
         ("vhd", "qcow2", False),
     ],
 )
-def test_worker_converts_image_byte_for_byte(  # type: ignore[no-untyped-def]
+def test_worker_converts_image_byte_for_byte(
     api_url, worker, folder, fmt, output_format, compress
 ):
     source = make_image(folder, fmt, size_mib=8, name=f"guest-{fmt}", seed=len(fmt))
@@ -106,7 +106,7 @@ def test_worker_converts_image_byte_for_byte(  # type: ignore[no-untyped-def]
     assert job["latest_event"] == events[-1]
 
 
-def test_failure_is_recorded_with_phase_and_code(api_url, worker, folder):  # type: ignore[no-untyped-def]
+def test_failure_is_recorded_with_phase_and_code(api_url, worker, folder):
     source = make_image(folder, "vmdk", size_mib=1, name="exists")
     Path(source).with_suffix(".qcow2").write_bytes(b"keep me")
     job_id = f"fail-{uuid.uuid4().hex[:6]}"
@@ -129,7 +129,7 @@ def test_failure_is_recorded_with_phase_and_code(api_url, worker, folder):  # ty
     assert Path(source).with_suffix(".qcow2").read_bytes() == b"keep me"
 
 
-def test_overwrite_replaces_existing_output(api_url, worker, folder):  # type: ignore[no-untyped-def]
+def test_overwrite_replaces_existing_output(api_url, worker, folder):
     source = make_image(folder, "vmdk", size_mib=1, name="replace")
     output = Path(source).with_suffix(".qcow2")
     output.write_bytes(b"old")
@@ -163,7 +163,7 @@ def _qemu_img_processes(marker: str) -> list[str]:
     return found
 
 
-def test_cancel_running_job_stops_the_tool(api_url, worker, folder):  # type: ignore[no-untyped-def]
+def test_cancel_running_job_stops_the_tool(api_url, worker, folder):
     source = make_image(folder, "vmdk", size_mib=16, name="cancel-me")
     job_id = f"cancel-{uuid.uuid4().hex[:6]}"
     submit(
@@ -199,7 +199,7 @@ def test_cancel_running_job_stops_the_tool(api_url, worker, folder):  # type: ig
     ] == []
 
 
-def test_timeout_fails_the_job_and_cleans_up(api_url, worker, folder):  # type: ignore[no-untyped-def]
+def test_timeout_fails_the_job_and_cleans_up(api_url, worker, folder):
     source = make_image(folder, "vmdk", size_mib=16, name="too-slow")
     job_id = f"timeout-{uuid.uuid4().hex[:6]}"
     submit(
@@ -224,7 +224,7 @@ def test_timeout_fails_the_job_and_cleans_up(api_url, worker, folder):  # type: 
     ] == []
 
 
-def test_metrics_count_terminal_jobs(api_url, worker, folder):  # type: ignore[no-untyped-def]
+def test_metrics_count_terminal_jobs(api_url, worker, folder):
     def completed_converts() -> float:
         text = requests.get(f"{api_url}/metrics", timeout=10).text
         for line in text.splitlines():
@@ -254,7 +254,7 @@ def test_metrics_count_terminal_jobs(api_url, worker, folder):  # type: ignore[n
     assert "flask_http_request_total" in text
 
 
-def test_worker_registered_its_capabilities(api_url, worker):  # type: ignore[no-untyped-def]
+def test_worker_registered_its_capabilities(api_url, worker):
     listing = requests.get(f"{api_url}/workers", timeout=10).json()
     mine = [w for w in listing["workers"] if w["worker_id"] == worker.name]
     assert mine and mine[0]["active"] is True
@@ -266,7 +266,7 @@ def test_worker_registered_its_capabilities(api_url, worker):  # type: ignore[no
     assert health["workers"] >= 1
 
 
-def test_retryable_failure_is_retried_then_fails(api_url, worker, folder):  # type: ignore[no-untyped-def]
+def test_retryable_failure_is_retried_then_fails(api_url, worker, folder):
     source = make_image(folder, "vmdk", size_mib=16, name="retried")
     job_id = f"retry-{uuid.uuid4().hex[:6]}"
     submit(

@@ -66,7 +66,7 @@ def assert_nothing_left(scratch: Path) -> None:
         time.sleep(0.2)
 
 
-def test_inspect_reports_the_guest_and_changes_nothing(  # type: ignore[no-untyped-def]
+def test_inspect_reports_the_guest_and_changes_nothing(
     api_url, worker, worker_scratch, rocky
 ):
     before = sha256(rocky.image)
@@ -85,7 +85,7 @@ def test_inspect_reports_the_guest_and_changes_nothing(  # type: ignore[no-untyp
     assert_nothing_left(worker_scratch)
 
 
-def test_offline_fix_writes_an_overlay_and_leaves_the_source(  # type: ignore[no-untyped-def]
+def test_offline_fix_writes_an_overlay_and_leaves_the_source(
     api_url, worker, worker_scratch, rocky, tmp_path
 ):
     before = sha256(rocky.image)
@@ -105,7 +105,7 @@ def test_offline_fix_writes_an_overlay_and_leaves_the_source(  # type: ignore[no
     assert_nothing_left(worker_scratch)
 
 
-def test_cancelled_guest_operation_leaves_nothing_behind(  # type: ignore[no-untyped-def]
+def test_cancelled_guest_operation_leaves_nothing_behind(
     api_url, worker, worker_scratch, folder
 ):
     (folder / "cancel").mkdir(exist_ok=True)
@@ -129,7 +129,7 @@ def test_cancelled_guest_operation_leaves_nothing_behind(  # type: ignore[no-unt
     assert not Path(image).with_suffix(".initramfs_regenerate.qcow2").exists()
 
 
-def test_fs_repair_repairs_a_damaged_ext4_in_an_overlay(  # type: ignore[no-untyped-def]
+def test_fs_repair_repairs_a_damaged_ext4_in_an_overlay(
     api_url, worker, worker_scratch, folder, tmp_path
 ):
     (folder / "fs").mkdir(exist_ok=True)
@@ -154,9 +154,7 @@ def test_fs_repair_repairs_a_damaged_ext4_in_an_overlay(  # type: ignore[no-unty
     assert_nothing_left(worker_scratch)
 
 
-def test_lvm_repair_restores_damaged_metadata(  # type: ignore[no-untyped-def]
-    api_url, worker, worker_scratch, folder
-):
+def test_lvm_repair_restores_damaged_metadata(api_url, worker, worker_scratch, folder):
     (folder / "lvm").mkdir(exist_ok=True)
     disk = repairdisks.lvm_disk(str(folder / "lvm"), "header")
     job_id = submit(api_url, "lvm_repair", disk.image)
@@ -171,7 +169,7 @@ def test_lvm_repair_restores_damaged_metadata(  # type: ignore[no-untyped-def]
     assert_nothing_left(worker_scratch)
 
 
-def test_boot_repair_and_selinux_prep_in_place(  # type: ignore[no-untyped-def]
+def test_boot_repair_and_selinux_prep_in_place(
     api_url, worker, worker_scratch, folder, tmp_path
 ):
     (folder / "boot").mkdir(exist_ok=True)
@@ -195,9 +193,7 @@ def test_boot_repair_and_selinux_prep_in_place(  # type: ignore[no-untyped-def]
     assert_nothing_left(worker_scratch)
 
 
-def test_initramfs_regenerate_adds_virtio(  # type: ignore[no-untyped-def]
-    api_url, worker, worker_scratch, folder
-):
+def test_initramfs_regenerate_adds_virtio(api_url, worker, worker_scratch, folder):
     (folder / "initramfs").mkdir(exist_ok=True)
     disk = initramfsdisks.debian_disk(str(folder / "initramfs"), separate_boot=True)
     job = wait_terminal(
@@ -215,7 +211,7 @@ def test_initramfs_regenerate_adds_virtio(  # type: ignore[no-untyped-def]
     assert_nothing_left(worker_scratch)
 
 
-def test_timed_out_guest_operation_fails_and_leaves_nothing(  # type: ignore[no-untyped-def]
+def test_timed_out_guest_operation_fails_and_leaves_nothing(
     api_url, worker, worker_scratch, folder
 ):
     (folder / "slow").mkdir(exist_ok=True)

@@ -27,9 +27,7 @@ def _started_at(job: dict[str, Any]) -> str:
     return next(h["timestamp"] for h in job["state_history"] if h["state"] == "RUNNING")
 
 
-def test_later_high_priority_job_overtakes_earlier_low_one(  # type: ignore[no-untyped-def]
-    api_url, worker, folder
-):
+def test_later_high_priority_job_overtakes_earlier_low_one(api_url, worker, folder):
     blocker = make_image(folder, "vmdk", size_mib=16, name="blocker")
     low_src = make_image(folder, "vmdk", size_mib=1, name="low")
     high_src = make_image(folder, "vmdk", size_mib=1, name="high")
@@ -64,7 +62,7 @@ def test_later_high_priority_job_overtakes_earlier_low_one(  # type: ignore[no-u
     assert _started_at(jobs[busy]) < _started_at(jobs[high]) < _started_at(jobs[low])
 
 
-def _read_events(response: requests.Response, stop_after: int | None = None):  # type: ignore[no-untyped-def]
+def _read_events(response: requests.Response, stop_after: int | None = None):
     """Parse an SSE body into (id, type, data) until complete or stop_after."""
     events: list[tuple[str | None, str, Any]] = []
     fields: dict[str, str] = {}
@@ -97,7 +95,7 @@ def _read_events(response: requests.Response, stop_after: int | None = None):  #
     return events
 
 
-def test_reconnect_with_last_event_id_gets_every_event_once(  # type: ignore[no-untyped-def]
+def test_reconnect_with_last_event_id_gets_every_event_once(
     api_url, worker, folder, redis_client
 ):
     source = make_image(folder, "vmdk", size_mib=16, name="streamed")
@@ -134,9 +132,7 @@ def test_reconnect_with_last_event_id_gets_every_event_once(  # type: ignore[no-
     assert wait_terminal(api_url, job_id)["state"] == "COMPLETED"
 
 
-def test_stream_of_finished_job_replays_and_completes_at_once(  # type: ignore[no-untyped-def]
-    api_url, worker, folder
-):
+def test_stream_of_finished_job_replays_and_completes_at_once(api_url, worker, folder):
     source = make_image(folder, "vdi", size_mib=1, name="done")
     job_id = f"done-{uuid.uuid4().hex[:6]}"
     requests.post(

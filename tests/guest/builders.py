@@ -307,6 +307,6 @@ def sfdisk_partitions(raw: str) -> dict[int, tuple[int, int]]:
     sector = int(table.get("sectorsize", 512))
     found = {}
     for row in table["partitions"]:
-        number = int(re.search(r"(\d+)$", row["node"]).group(1))  # type: ignore[union-attr]
+        number = int(re.search(r"(\d+)$", row["node"]).group(1))
         found[number] = (int(row["start"]) * sector, int(row["size"]) * sector)
     return found

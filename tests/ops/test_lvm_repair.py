@@ -244,7 +244,7 @@ def test_an_old_group_left_in_the_ring_buffer_is_not_restored(
     space: Workspace, built: dict[str, Disk]
 ) -> None:
     disk = space.add(built["reused"])
-    assert {c[2] for c in disk.notes["copies"]} == {"vgold", "vgrep"}  # type: ignore[union-attr]
+    assert {c[2] for c in disk.notes["copies"]} == {"vgold", "vgrep"}
 
     result = space.run(lvm_repair.run, OPERATION, disk)
 

@@ -68,7 +68,7 @@ def test_driver_for_refuses_an_unknown_format_naming_the_field() -> None:
 
 def test_driver_for_refuses_a_non_string() -> None:
     with pytest.raises(InvalidInput) as caught:
-        qemu_img.driver_for(["qcow2"], "parameters.output_format")  # type: ignore[arg-type]
+        qemu_img.driver_for(["qcow2"], "parameters.output_format")
     assert "parameters.output_format" in caught.value.fields
 
 
