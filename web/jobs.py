@@ -17,10 +17,6 @@ from web.stream import sse
 blp = Blueprint("jobs", __name__, description="Submit and follow migration jobs")
 
 
-def _format_check(path: str, fmt: str, roots: tuple[str, ...]) -> Any:
-    return qemu_img.verify_declared_format(path, fmt, roots)
-
-
 def _submitted(submission: Any) -> tuple[dict[str, Any], int]:
     body = {
         "job_id": submission.job["job_id"],
@@ -58,7 +54,7 @@ class Jobs(MethodView):
         check_paths(
             spec,
             settings.allowed_roots,
-            _format_check if settings.format_check else None,
+            qemu_img.verify_declared_format if settings.format_check else None,
         )
         return _submitted(h2k.submissions.submit(spec, queue_now=query["queue"]))
 

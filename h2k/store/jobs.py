@@ -71,6 +71,13 @@ def _allowed_from(target: JobState) -> str:
     return ",".join(s for s, targets in TRANSITIONS.items() if target in targets)
 
 
+def _field_value(value: Any) -> str | None:
+    """How a job field is stored: strings as they are, the rest as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
 def _decode_job(raw: dict[str, str]) -> dict[str, Any]:
     job: dict[str, Any] = dict(raw)
     for key in ("spec", "result", "error", "latest_event"):
@@ -165,16 +172,7 @@ class JobStore:
         :class:`StateError` when refused, :class:`NotFound` for no such job.
         """
         now = utcnow()
-        encoded = {
-            key: (
-                None
-                if value is None
-                else value
-                if isinstance(value, str)
-                else json.dumps(value)
-            )
-            for key, value in (fields or {}).items()
-        }
+        encoded = {key: _field_value(value) for key, value in (fields or {}).items()}
         entry = {"state": target, "timestamp": isoformat(now), "reason": reason}
         with redis_errors():
             reply = self._transition(

@@ -6,6 +6,7 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -16,7 +17,16 @@ from tests.images import DRIVERS, make_image
 pytestmark = pytest.mark.e2e
 
 
-def submit(api_url: str, body: dict) -> requests.Response:  # type: ignore[type-arg]
+def submit(
+    api_url: str, job_id: str, source: str, fmt: str = "vmdk", **fields: Any
+) -> requests.Response:
+    """POST a convert job of ``source``; ``fields`` add to the JobSpec."""
+    body = {
+        "job_id": job_id,
+        "operation": "convert",
+        "image": {"path": source, "format": fmt},
+        **fields,
+    }
     return requests.post(f"{api_url}/jobs", json=body, timeout=30)
 
 
@@ -43,13 +53,11 @@ def test_worker_converts_image_byte_for_byte(
     job_id = f"convert-{fmt}-{uuid.uuid4().hex[:6]}"
     response = submit(
         api_url,
-        {
-            "job_id": job_id,
-            "operation": "convert",
-            "image": {"path": source, "format": fmt},
-            "parameters": {"output_format": output_format, "compress": compress},
-            "audit_info": {"requested_by": "e2e@example.com", "tags": ["test"]},
-        },
+        job_id,
+        source,
+        fmt,
+        parameters={"output_format": output_format, "compress": compress},
+        audit_info={"requested_by": "e2e@example.com", "tags": ["test"]},
     )
     assert response.status_code == 201, response.text
 
@@ -110,14 +118,7 @@ def test_failure_is_recorded_with_phase_and_code(api_url, worker, folder):
     source = make_image(folder, "vmdk", size_mib=1, name="exists")
     Path(source).with_suffix(".qcow2").write_bytes(b"keep me")
     job_id = f"fail-{uuid.uuid4().hex[:6]}"
-    submit(
-        api_url,
-        {
-            "job_id": job_id,
-            "operation": "convert",
-            "image": {"path": source, "format": "vmdk"},
-        },
-    )
+    submit(api_url, job_id, source)
 
     job = wait_terminal(api_url, job_id)
 
@@ -134,15 +135,7 @@ def test_overwrite_replaces_existing_output(api_url, worker, folder):
     output = Path(source).with_suffix(".qcow2")
     output.write_bytes(b"old")
     job_id = f"overwrite-{uuid.uuid4().hex[:6]}"
-    submit(
-        api_url,
-        {
-            "job_id": job_id,
-            "operation": "convert",
-            "image": {"path": source, "format": "vmdk"},
-            "parameters": {"overwrite": True},
-        },
-    )
+    submit(api_url, job_id, source, parameters={"overwrite": True})
     assert wait_terminal(api_url, job_id)["state"] == "COMPLETED"
     subprocess.run(
         ["qemu-img", "compare", "-f", "vmdk", "-F", "qcow2", source, str(output)],
@@ -166,15 +159,7 @@ def _qemu_img_processes(marker: str) -> list[str]:
 def test_cancel_running_job_stops_the_tool(api_url, worker, folder):
     source = make_image(folder, "vmdk", size_mib=16, name="cancel-me")
     job_id = f"cancel-{uuid.uuid4().hex[:6]}"
-    submit(
-        api_url,
-        {
-            "job_id": job_id,
-            "operation": "convert",
-            "image": {"path": source, "format": "vmdk"},
-            "parameters": {"rate_limit_bytes": 1024 * 1024},
-        },
-    )
+    submit(api_url, job_id, source, parameters={"rate_limit_bytes": 1024 * 1024})
     wait_for(
         api_url,
         job_id,
@@ -204,13 +189,10 @@ def test_timeout_fails_the_job_and_cleans_up(api_url, worker, folder):
     job_id = f"timeout-{uuid.uuid4().hex[:6]}"
     submit(
         api_url,
-        {
-            "job_id": job_id,
-            "operation": "convert",
-            "image": {"path": source, "format": "vmdk"},
-            "parameters": {"rate_limit_bytes": 1024 * 1024},
-            "execution_policy": {"timeout_seconds": 2},
-        },
+        job_id,
+        source,
+        parameters={"rate_limit_bytes": 1024 * 1024},
+        execution_policy={"timeout_seconds": 2},
     )
 
     job = wait_terminal(api_url, job_id, timeout=60)
@@ -237,14 +219,7 @@ def test_metrics_count_terminal_jobs(api_url, worker, folder):
     before = completed_converts()
     source = make_image(folder, "vdi", size_mib=1, name="counted")
     job_id = f"metrics-{uuid.uuid4().hex[:6]}"
-    submit(
-        api_url,
-        {
-            "job_id": job_id,
-            "operation": "convert",
-            "image": {"path": source, "format": "vdi"},
-        },
-    )
+    submit(api_url, job_id, source, "vdi")
     assert wait_terminal(api_url, job_id)["state"] == "COMPLETED"
 
     assert completed_converts() == before + 1
@@ -271,13 +246,10 @@ def test_retryable_failure_is_retried_then_fails(api_url, worker, folder):
     job_id = f"retry-{uuid.uuid4().hex[:6]}"
     submit(
         api_url,
-        {
-            "job_id": job_id,
-            "operation": "convert",
-            "image": {"path": source, "format": "vmdk"},
-            "parameters": {"rate_limit_bytes": 1024 * 1024},
-            "execution_policy": {"timeout_seconds": 2, "retry_count": 1},
-        },
+        job_id,
+        source,
+        parameters={"rate_limit_bytes": 1024 * 1024},
+        execution_policy={"timeout_seconds": 2, "retry_count": 1},
     )
 
     job = wait_terminal(api_url, job_id, timeout=90)
